@@ -1,0 +1,276 @@
+"""Sequencer2D building blocks as Keras 3 layers (channels-last everywhere)."""
+
+import keras
+from keras import layers, ops
+
+RNN_TYPES = ("lstm", "gru", "rnn")
+UNIONS = ("cat", "add", "vertical", "horizontal")
+LAYER_NORM_EPSILON = 1e-6
+
+
+def _serializable(cls):
+    return keras.saving.register_keras_serializable(package="keras_sequencer")(cls)
+
+
+def make_recurrent_layer(rnn_type, hidden_size, name):
+    """One direction of a 2D RNN, with every argument the fused cuDNN kernel needs."""
+    common = dict(
+        return_sequences=True,
+        use_bias=True,
+        unroll=False,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        name=name,
+    )
+    if rnn_type == "lstm":
+        return layers.LSTM(
+            hidden_size, activation="tanh", recurrent_activation="sigmoid", **common
+        )
+    if rnn_type == "gru":
+        # reset_after=True is PyTorch's GRU formulation (and cuDNN's).
+        return layers.GRU(
+            hidden_size,
+            activation="tanh",
+            recurrent_activation="sigmoid",
+            reset_after=True,
+            **common,
+        )
+    if rnn_type == "rnn":
+        return layers.SimpleRNN(hidden_size, activation="tanh", **common)
+    raise ValueError(f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}.")
+
+
+@_serializable
+class DropPath(layers.Layer):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"DropPath rate must be in [0, 1). Received: rate={rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if rate > 0 else None
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        random = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype)
+        mask = ops.floor(keep_prob + random)
+        return x / keep_prob * mask
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@_serializable
+class BiLSTM2D(layers.Layer):
+    """Vertical and horizontal (bi)directional RNNs over a (B, H, W, C) map.
+
+    The vertical RNN runs down every column (B*W sequences of length H) and the
+    horizontal one along every row (B*H sequences of length W); each has one
+    weight set shared by all columns or rows. Their outputs are concatenated
+    (or added) and fused back to C channels by a pointwise Dense.
+
+    Args:
+        hidden_size: units of each recurrent direction.
+        rnn_type: "lstm" (the paper), "gru" or "rnn" (tanh SimpleRNN).
+        bidirectional: run each axis in both directions.
+        union: "cat", "add", "vertical" (columns only) or "horizontal" (rows only).
+        with_fc: fuse with a pointwise Dense. Without it, the RNN output width
+            must already equal the input width.
+    """
+
+    def __init__(
+        self,
+        hidden_size,
+        rnn_type="lstm",
+        bidirectional=True,
+        union="cat",
+        with_fc=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if rnn_type not in RNN_TYPES:
+            raise ValueError(
+                f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}."
+            )
+        if union not in UNIONS:
+            raise ValueError("Unrecognized union: " + str(union))
+        self.hidden_size = int(hidden_size)
+        self.rnn_type = rnn_type
+        self.bidirectional = bool(bidirectional)
+        self.union = union
+        self.with_fc = bool(with_fc)
+        self.output_size = 2 * self.hidden_size if self.bidirectional else self.hidden_size
+        self.with_vertical = union != "horizontal"
+        self.with_horizontal = union != "vertical"
+        self.rnn_v = self._make_rnn("rnn_v") if self.with_vertical else None
+        self.rnn_h = self._make_rnn("rnn_h") if self.with_horizontal else None
+        self.fc = None
+
+    def _make_rnn(self, name):
+        rnn = make_recurrent_layer(self.rnn_type, self.hidden_size, name=f"{name}_forward")
+        if not self.bidirectional:
+            return rnn
+        return layers.Bidirectional(rnn, merge_mode="concat", name=name)
+
+    @property
+    def union_size(self):
+        return 2 * self.output_size if self.union == "cat" else self.output_size
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("BiLSTM2D needs a known channel dimension.")
+        if not self.with_fc and self.union_size != channels:
+            # Same check and wording as the reference implementation.
+            raise ValueError(
+                f"The output channel {self.union_size} is different from the "
+                f"input channel {channels}."
+            )
+        for rnn in (self.rnn_v, self.rnn_h):
+            if rnn is not None:
+                rnn.build((None, None, channels))
+        if self.with_fc:
+            self.fc = layers.Dense(channels, name="fc", dtype=self.dtype_policy)
+            self.fc.build(input_shape[:-1] + (self.union_size,))
+
+    def call(self, x):
+        shape = ops.shape(x)
+        batch, height, width, channels = shape[0], shape[1], shape[2], x.shape[-1]
+        outputs = []
+        if self.with_vertical:
+            v = ops.transpose(x, (0, 2, 1, 3))
+            v = ops.reshape(v, (-1, height, channels))
+            v = self.rnn_v(v)
+            v = ops.reshape(v, (batch, width, height, self.output_size))
+            outputs.append(ops.transpose(v, (0, 2, 1, 3)))
+        if self.with_horizontal:
+            h = ops.reshape(x, (-1, width, channels))
+            h = self.rnn_h(h)
+            outputs.append(ops.reshape(h, (batch, height, width, self.output_size)))
+        if len(outputs) == 2:
+            if self.union == "cat":
+                x = ops.concatenate(outputs, axis=-1)
+            else:
+                x = outputs[0] + outputs[1]
+        else:
+            x = outputs[0]
+        if self.fc is not None:
+            x = self.fc(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        if self.with_fc:
+            return input_shape
+        return tuple(input_shape[:-1]) + (self.union_size,)
+
+    def recurrent_layers(self):
+        """The LSTM/GRU/SimpleRNN layers, forward before backward, vertical first."""
+        found = []
+        for rnn in (self.rnn_v, self.rnn_h):
+            if rnn is None:
+                continue
+            if isinstance(rnn, layers.Bidirectional):
+                found += [rnn.forward_layer, rnn.backward_layer]
+            else:
+                found.append(rnn)
+        return found
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_size": self.hidden_size,
+            "rnn_type": self.rnn_type,
+            "bidirectional": self.bidirectional,
+            "union": self.union,
+            "with_fc": self.with_fc,
+        }
+
+
+@_serializable
+class Sequencer2DBlock(layers.Layer):
+    """Pre-norm residual block: x + DropPath(BiLSTM2D(LN(x))), x + DropPath(Mlp(LN(x)))."""
+
+    def __init__(
+        self,
+        hidden_size,
+        mlp_ratio=3.0,
+        rnn_type="lstm",
+        bidirectional=True,
+        union="cat",
+        with_fc=True,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_size = int(hidden_size)
+        self.mlp_ratio = float(mlp_ratio)
+        self.rnn_type = rnn_type
+        self.bidirectional = bool(bidirectional)
+        self.union = union
+        self.with_fc = bool(with_fc)
+        self.drop_rate = float(drop_rate)
+        self.drop_path_rate = float(drop_path_rate)
+        policy = self.dtype_policy
+        self.norm1 = layers.LayerNormalization(
+            epsilon=LAYER_NORM_EPSILON, name="norm1", dtype=policy
+        )
+        self.rnn_tokens = BiLSTM2D(
+            hidden_size,
+            rnn_type=rnn_type,
+            bidirectional=bidirectional,
+            union=union,
+            with_fc=with_fc,
+            name="rnn_tokens",
+            dtype=policy,
+        )
+        self.norm2 = layers.LayerNormalization(
+            epsilon=LAYER_NORM_EPSILON, name="norm2", dtype=policy
+        )
+        self.drop_path = DropPath(drop_path_rate, name="drop_path", dtype=policy)
+        self.mlp_dropout = layers.Dropout(drop_rate, name="mlp_dropout", dtype=policy)
+        self.fc1 = None
+        self.fc2 = None
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        policy = self.dtype_policy
+        self.norm1.build(input_shape)
+        self.rnn_tokens.build(input_shape)
+        self.norm2.build(input_shape)
+        self.fc1 = layers.Dense(int(self.mlp_ratio * dim), name="fc1", dtype=policy)
+        self.fc1.build(input_shape)
+        self.fc2 = layers.Dense(dim, name="fc2", dtype=policy)
+        self.fc2.build(input_shape[:-1] + (int(self.mlp_ratio * dim),))
+
+    def call(self, x, training=None):
+        x = x + self.drop_path(self.rnn_tokens(self.norm1(x)), training=training)
+        y = self.fc1(self.norm2(x))
+        y = ops.gelu(y, approximate=False)  # timm's nn.GELU: the exact erf form
+        y = self.mlp_dropout(y, training=training)
+        y = self.mlp_dropout(self.fc2(y), training=training)
+        return x + self.drop_path(y, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_size": self.hidden_size,
+            "mlp_ratio": self.mlp_ratio,
+            "rnn_type": self.rnn_type,
+            "bidirectional": self.bidirectional,
+            "union": self.union,
+            "with_fc": self.with_fc,
+            "drop_rate": self.drop_rate,
+            "drop_path_rate": self.drop_path_rate,
+        }

@@ -1,0 +1,350 @@
+"""Sequencer2D builders in the keras.applications style, and the variant registry."""
+
+import os
+
+import keras
+
+from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_S = dict(
+    layers=(4, 3, 8, 3),
+    patch_sizes=(7, 2, 1, 1),
+    embed_dims=(192, 384, 384, 384),
+    hidden_sizes=(48, 96, 96, 96),
+    mlp_ratios=(3.0, 3.0, 3.0, 3.0),
+    rnn_type="lstm",
+    bidirectional=True,
+    union="cat",
+    with_fc=True,
+)
+_M = dict(_S, layers=(4, 3, 14, 3))
+_L = dict(_S, layers=(8, 8, 16, 4))
+_H2X = (96, 192, 192, 192)
+
+# name -> architecture, default input size, and the pretrained weights it can load
+# ("weights_variant"; the 392px variants reuse the 224px ImageNet weights, as the
+# authors' code does).
+MODEL_CONFIGS = {
+    "sequencer2d_s": dict(arch=_S, default_size=224, weights_variant="sequencer2d_s"),
+    "sequencer2d_m": dict(arch=_M, default_size=224, weights_variant="sequencer2d_m"),
+    "sequencer2d_l": dict(arch=_L, default_size=224, weights_variant="sequencer2d_l"),
+    "sequencer2d_s_392": dict(arch=_S, default_size=392, weights_variant="sequencer2d_s"),
+    "sequencer2d_m_392": dict(arch=_M, default_size=392, weights_variant="sequencer2d_m"),
+    "sequencer2d_l_392": dict(arch=_L, default_size=392, weights_variant="sequencer2d_l"),
+    "sequencer2d_s_unidirectional": dict(arch=dict(_S, bidirectional=False)),
+    "sequencer2d_s_add": dict(arch=dict(_S, union="add")),
+    "sequencer2d_s_h2x": dict(arch=dict(_S, hidden_sizes=_H2X)),
+    "sequencer2d_s_without_fc": dict(arch=dict(_S, with_fc=False)),
+    "sequencer2d_vertical": dict(
+        arch=dict(_S, hidden_sizes=_H2X, union="vertical", with_fc=False)
+    ),
+    "sequencer2d_s_horizontal": dict(
+        arch=dict(_S, hidden_sizes=_H2X, union="horizontal", with_fc=False)
+    ),
+    "gru_sequencer2d_s": dict(arch=dict(_S, rnn_type="gru")),
+    "rnn_sequencer2d_s": dict(arch=dict(_S, rnn_type="rnn")),
+    "sequencer2d_l_d4_3x": dict(
+        arch=dict(
+            _L, embed_dims=(256, 512, 512, 512), hidden_sizes=(64, 128, 128, 128)
+        )
+    ),
+}
+for _name, _cfg in MODEL_CONFIGS.items():
+    _cfg.setdefault("default_size", 224)
+    _cfg.setdefault("weights_variant", None)
+
+
+def list_models():
+    """Names of every Sequencer variant the authors define."""
+    return sorted(MODEL_CONFIGS)
+
+
+def drop_path_rates(layers_per_stage, drop_path_rate):
+    """Linear stochastic-depth schedule over all blocks: rate * k / (N - 1)."""
+    total = sum(layers_per_stage)
+    if total <= 1:
+        return [0.0] * total
+    return [drop_path_rate * k / (total - 1) for k in range(total)]
+
+
+def _validate_weights_argument(weights):
+    if weights in (None, "imagenet"):
+        return
+    if isinstance(weights, (str, os.PathLike)) and os.path.exists(weights):
+        return
+    raise ValueError(
+        "The `weights` argument should be either `None` (random initialization), "
+        "`imagenet` (pre-training on ImageNet), or the path to the weights file "
+        f"to be loaded. Received: weights={weights!r}"
+        + (" (no such file)" if isinstance(weights, (str, os.PathLike)) else "")
+    )
+
+
+def _resolve_input_shape(input_shape, input_tensor, default_size, min_size, weights):
+    if input_shape is None and input_tensor is not None:
+        try:
+            input_shape = tuple(keras.ops.shape(input_tensor)[1:])
+        except Exception:  # non-Keras tensors without a static shape
+            input_shape = None
+    if input_shape is None:
+        return (default_size, default_size, 3)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "`input_shape` must be a tuple of three integers (height, width, "
+            f"channels). Received: input_shape={input_shape}"
+        )
+    if weights is not None and input_shape[-1] != 3:
+        raise ValueError(
+            "The input must have 3 channels when loading pretrained weights. "
+            f"Received: input_shape={input_shape}"
+        )
+    for size in input_shape[:2]:
+        if size is not None and size < min_size:
+            raise ValueError(
+                f"Input size must be at least {min_size}x{min_size}. "
+                f"Received: input_shape={input_shape}"
+            )
+    return input_shape
+
+
+def Sequencer2D(
+    layers_per_stage=(4, 3, 8, 3),
+    patch_sizes=(7, 2, 1, 1),
+    embed_dims=(192, 384, 384, 384),
+    hidden_sizes=(48, 96, 96, 96),
+    mlp_ratios=(3.0, 3.0, 3.0, 3.0),
+    rnn_type="lstm",
+    bidirectional=True,
+    union="cat",
+    with_fc=True,
+    drop_rate=0.0,
+    drop_path_rate=0.0,
+    include_top=True,
+    include_preprocessing=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="sequencer2d",
+    default_size=224,
+    weights_variant=None,
+    layers=None,
+):
+    """Builds a Sequencer2D model from the reference configuration.
+
+    The first five arguments are the reference's architecture lists (`layers`
+    is accepted as an alias of `layers_per_stage`, the reference's name). The
+    rest follow `keras.applications` (see `Sequencer2DS`). `weights_variant`
+    names the registry entry whose ImageNet weights `weights="imagenet"` loads.
+    """
+    if layers is not None:
+        layers_per_stage = layers
+    arch_lists = (layers_per_stage, patch_sizes, embed_dims, hidden_sizes, mlp_ratios)
+    if len({len(a) for a in arch_lists}) != 1:
+        raise ValueError(
+            "layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios must "
+            f"have the same length. Received lengths {[len(a) for a in arch_lists]}"
+        )
+    if rnn_type not in RNN_TYPES:
+        raise ValueError(f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}.")
+    if union not in UNIONS:
+        raise ValueError("Unrecognized union: " + str(union))
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(
+            "`pooling` must be one of None, 'avg' or 'max'. "
+            f"Received: pooling={pooling!r}"
+        )
+    _validate_weights_argument(weights)
+    if weights == "imagenet":
+        if weights_variant is None:
+            raise ValueError(
+                f"No ImageNet weights are published for {name!r}. Use weights=None "
+                "or a path to a weights file."
+            )
+        if include_top and classes != 1000:
+            raise ValueError(
+                'If using `weights="imagenet"` with `include_top=True`, '
+                f"`classes` should be 1000. Received classes={classes}"
+            )
+    min_size = 1
+    for p in patch_sizes:
+        min_size *= p
+    input_shape = _resolve_input_shape(
+        input_shape, input_tensor, default_size, min_size, weights
+    )
+    if include_preprocessing and input_shape[-1] != 3:
+        raise ValueError(
+            "`include_preprocessing=True` applies RGB ImageNet normalisation and "
+            f"needs 3 input channels. Received: input_shape={input_shape}"
+        )
+
+    if input_tensor is None:
+        img_input = keras.Input(shape=input_shape, name="input_layer")
+    elif not keras.backend.is_keras_tensor(input_tensor):
+        img_input = keras.Input(tensor=input_tensor, shape=input_shape)
+    else:
+        img_input = input_tensor
+
+    x = img_input
+    if include_preprocessing:
+        # Inputs are RGB in [0, 255]; normalise as timm does.
+        x = keras.layers.Normalization(
+            mean=[255.0 * m for m in IMAGENET_MEAN],
+            variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
+            name="preprocessing",
+        )(x)
+
+    rates = drop_path_rates(layers_per_stage, drop_path_rate)
+    block_index = 0
+    for stage, depth in enumerate(layers_per_stage):
+        # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
+        conv_name = "stem" if stage == 0 else f"stages_{stage}_downsample"
+        x = keras.layers.Conv2D(
+            embed_dims[stage],
+            patch_sizes[stage],
+            strides=patch_sizes[stage],
+            padding="valid",
+            name=conv_name,
+        )(x)
+        for block in range(depth):
+            x = Sequencer2DBlock(
+                hidden_sizes[stage],
+                mlp_ratio=mlp_ratios[stage],
+                rnn_type=rnn_type,
+                bidirectional=bidirectional,
+                union=union,
+                with_fc=with_fc,
+                drop_rate=drop_rate,
+                drop_path_rate=rates[block_index],
+                name=f"stages_{stage}_blocks_{block}",
+            )(x)
+            block_index += 1
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
+
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        if drop_rate > 0:
+            x = keras.layers.Dropout(drop_rate, name="head_dropout")(x)
+        x = keras.layers.Dense(classes, name="head")(x)
+        # float32 output so mixed precision keeps a stable softmax.
+        x = keras.layers.Activation(
+            classifier_activation, dtype="float32", name="predictions"
+        )(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+
+    inputs = (
+        keras.utils.get_source_inputs(input_tensor)
+        if input_tensor is not None
+        else img_input
+    )
+    model = keras.Model(inputs=inputs, outputs=x, name=name)
+
+    if weights is not None:
+        from keras_sequencer.weights import load_weights
+
+        load_weights(model, weights, variant=weights_variant)
+    return model
+
+
+def _builder(variant, model_name):
+    arch = MODEL_CONFIGS[variant]["arch"]
+    default_size = MODEL_CONFIGS[variant]["default_size"]
+
+    def builder(
+        include_top=True,
+        include_preprocessing=True,
+        weights="imagenet",
+        input_tensor=None,
+        input_shape=None,
+        pooling=None,
+        classes=1000,
+        classifier_activation="softmax",
+        name=model_name,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+    ):
+        return Sequencer2D(
+            layers_per_stage=arch["layers"],
+            **{k: v for k, v in arch.items() if k != "layers"},
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            include_top=include_top,
+            include_preprocessing=include_preprocessing,
+            weights=weights,
+            input_tensor=input_tensor,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            name=name,
+            default_size=default_size,
+            weights_variant=MODEL_CONFIGS[variant]["weights_variant"],
+        )
+
+    builder.__name__ = model_name.replace("sequencer2d", "Sequencer2D")
+    builder.__doc__ = BUILDER_DOC.format(variant=variant, size=default_size)
+    return builder
+
+
+BUILDER_DOC = """Instantiates the {variant} architecture (Tatsunami & Taki, NeurIPS 2022).
+
+    Args:
+        include_top: whether to include the classification head.
+        include_preprocessing: if True (default) the model takes RGB values in
+            [0, 255] and applies timm's ImageNet normalisation inside. If False it
+            takes already-normalised input, as timm does.
+        weights: None (random), "imagenet", or a path to a weights file.
+        input_tensor: optional Keras tensor to use as the model input.
+        input_shape: optional (height, width, 3); defaults to ({size}, {size}, 3).
+            Any size works, including (None, None, 3).
+        pooling: with include_top=False, None (4D feature map), "avg" or "max".
+        classes: number of classes when include_top=True.
+        classifier_activation: activation of the top layer ("softmax" or None).
+        name: the model name.
+        drop_rate: dropout in the MLPs and before the head.
+        drop_path_rate: stochastic depth rate of the last block (linear schedule).
+
+    Returns:
+        A `keras.Model`.
+    """
+
+Sequencer2DS = _builder("sequencer2d_s", "sequencer2d_s")
+Sequencer2DM = _builder("sequencer2d_m", "sequencer2d_m")
+Sequencer2DL = _builder("sequencer2d_l", "sequencer2d_l")
+Sequencer2DS.__name__, Sequencer2DM.__name__, Sequencer2DL.__name__ = (
+    "Sequencer2DS",
+    "Sequencer2DM",
+    "Sequencer2DL",
+)
+
+
+def create_model(name, **kwargs):
+    """Builds a registered variant by name (see `list_models()`).
+
+    kwargs pass to `Sequencer2D`. `weights` defaults to None here, as timm's
+    `create_model` defaults to `pretrained=False`.
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(
+            f"Unknown model {name!r}. Available models: {', '.join(list_models())}"
+        )
+    config = MODEL_CONFIGS[name]
+    arch = dict(config["arch"])
+    arch["layers_per_stage"] = arch.pop("layers")
+    arch.update(
+        default_size=config["default_size"],
+        weights_variant=config["weights_variant"],
+        name=name,
+        weights=None,
+    )
+    arch.update(kwargs)
+    return Sequencer2D(**arch)
