@@ -139,7 +139,7 @@ class BiLSTM2D(layers.Layer):
                 rnn.build((None, None, channels))
         if self.with_fc:
             self.fc = layers.Dense(channels, name="fc", dtype=self.dtype_policy)
-            self.fc.build(input_shape[:-1] + (self.union_size,))
+            self.fc.build(tuple(input_shape[:-1]) + (self.union_size,))
 
     def call(self, x):
         shape = ops.shape(x)
@@ -246,10 +246,13 @@ class Sequencer2DBlock(layers.Layer):
         self.norm1.build(input_shape)
         self.rnn_tokens.build(input_shape)
         self.norm2.build(input_shape)
+        # Built here too: an unbuilt sublayer makes JAX's predict() run eagerly once.
+        self.drop_path.build(input_shape)
+        self.mlp_dropout.build(input_shape)
         self.fc1 = layers.Dense(int(self.mlp_ratio * dim), name="fc1", dtype=policy)
         self.fc1.build(input_shape)
         self.fc2 = layers.Dense(dim, name="fc2", dtype=policy)
-        self.fc2.build(input_shape[:-1] + (int(self.mlp_ratio * dim),))
+        self.fc2.build(tuple(input_shape[:-1]) + (int(self.mlp_ratio * dim),))
 
     def call(self, x, training=None):
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x)), training=training)

@@ -1,0 +1,38 @@
+"""Shared test set-up.
+
+torch/torchvision/timm are imported before anything loads TensorFlow: with
+tensorflow 2.21 and torchvision 0.29 the other order crashes the process.
+"""
+
+import os
+import sys
+
+try:  # the reference implementation; a test dependency
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+    import timm  # noqa: F401
+except ImportError:
+    pass
+
+import keras
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
+
+
+def run_model(model, x):
+    """Inference output as numpy. JAX runs compiled (eager JAX recompiles every
+    recurrent loop on each call); TF and torch run eagerly, which is faster here."""
+    if keras.backend.backend() == "jax":
+        return np.asarray(model.predict(x, verbose=0, batch_size=len(x)))
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

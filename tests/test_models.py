@@ -1,0 +1,141 @@
+"""Builders, registry and keras.applications-style argument handling."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sequencer as ks
+from conftest import run_model
+
+try:
+    from reference import AUTHORS_VARIANTS
+except ImportError:  # timm missing
+    AUTHORS_VARIANTS = None
+
+
+def test_registry_covers_every_authors_variant():
+    if AUTHORS_VARIANTS is None:
+        pytest.skip("timm is not installed")
+    assert set(ks.list_models()) == set(AUTHORS_VARIANTS)
+
+
+def test_parameter_count_of_s():
+    model = ks.Sequencer2DS(weights=None, input_shape=(56, 56, 3))
+    # timm's 27.65M minus one of PyTorch's two LSTM biases per direction.
+    assert model.count_params() == 27_627_112
+
+
+@pytest.mark.parametrize("name", ks.list_models())
+def test_recurrent_layers_stay_cudnn_eligible(name):
+    model = ks.create_model(name, input_shape=(28, 28, 3))
+    recurrent = []
+    for layer in model.layers:
+        if isinstance(layer, ks.Sequencer2DBlock):
+            recurrent += layer.rnn_tokens.recurrent_layers()
+    assert recurrent
+    for rnn in recurrent:
+        cell = rnn.cell
+        assert cell.activation is keras.activations.tanh
+        if not isinstance(rnn, keras.layers.SimpleRNN):
+            assert cell.recurrent_activation is keras.activations.sigmoid
+            assert rnn.use_cudnn in ("auto", True)
+        if isinstance(rnn, keras.layers.GRU):
+            assert cell.reset_after
+        assert cell.use_bias and not rnn.unroll
+        assert cell.recurrent_dropout == 0 and cell.dropout == 0
+        assert not rnn.supports_masking or rnn.input_spec is None or True  # no Masking layer feeds it
+    assert not any(isinstance(layer, keras.layers.Masking) for layer in model.layers)
+
+
+def test_variant_argument_differences():
+    gru = ks.create_model("gru_sequencer2d_s", input_shape=(28, 28, 3))
+    block = gru.get_layer("stages_0_blocks_0").rnn_tokens
+    assert block.rnn_type == "gru" and block.union == "cat"
+    vertical = ks.create_model("sequencer2d_vertical", input_shape=(28, 28, 3))
+    block = vertical.get_layer("stages_1_blocks_0").rnn_tokens
+    assert block.rnn_h is None and block.fc is None and block.hidden_size == 192
+    big = ks.create_model("sequencer2d_s_392", weights=None)
+    assert big.input_shape == (None, 392, 392, 3)
+
+
+def test_any_resolution_with_dynamic_input(rng):
+    model = ks.create_model("sequencer2d_s", input_shape=(None, None, 3), classifier_activation=None)
+    fixed = ks.create_model("sequencer2d_s", input_shape=(42, 70, 3), classifier_activation=None)
+    fixed.set_weights(model.get_weights())
+    x = rng.uniform(0, 255, (1, 42, 70, 3)).astype("float32")
+    np.testing.assert_allclose(run_model(model, x), run_model(fixed, x), atol=1e-5)
+    assert run_model(model, rng.uniform(0, 255, (1, 28, 28, 3)).astype("float32")).shape == (1, 1000)
+
+
+def test_drop_path_schedule_is_linear_over_all_blocks():
+    model = ks.create_model("sequencer2d_s", input_shape=(28, 28, 3), drop_path_rate=0.1)
+    rates = [
+        layer.drop_path.rate for layer in model.layers if isinstance(layer, ks.Sequencer2DBlock)
+    ]
+    total = 4 + 3 + 8 + 3
+    assert rates == pytest.approx([0.1 * k / (total - 1) for k in range(total)])
+
+
+def test_pooling_and_heads():
+    kwargs = dict(weights=None, input_shape=(28, 28, 3))
+    assert ks.Sequencer2DS(include_top=False, **kwargs).output_shape == (None, 2, 2, 384)
+    assert ks.Sequencer2DS(include_top=False, pooling="avg", **kwargs).output_shape == (None, 384)
+    assert ks.Sequencer2DS(include_top=False, pooling="max", **kwargs).output_shape == (None, 384)
+    model = ks.Sequencer2DS(classes=7, **kwargs)
+    assert model.output_shape == (None, 7)
+
+
+def test_input_tensor():
+    tensor = keras.Input((28, 28, 3))
+    model = ks.Sequencer2DS(weights=None, input_tensor=tensor, include_top=False)
+    assert model.inputs[0] is tensor
+
+
+def test_softmax_outputs_probabilities(rng):
+    model = ks.Sequencer2DS(weights=None, input_shape=(28, 28, 3), classes=5)
+    probs = run_model(model, rng.uniform(0, 255, (2, 28, 28, 3)).astype("float32"))
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(weights="imagenet", classes=10), "`classes` should be 1000"),
+        (dict(weights=None, input_shape=(64, 64, 1)), "3 input channels"),
+        (dict(weights="imagenet", input_shape=(64, 64, 4)), "3 channels"),
+        (dict(weights=None, input_shape=(13, 64, 3)), "at least 14x14"),
+        (dict(weights=None, input_shape=(64, 64)), "three integers"),
+        (dict(weights=None, include_top=False, pooling="mean"), "`pooling`"),
+        (dict(weights="/no/such/file.weights.h5"), "no such file"),
+        (dict(weights="imagenet-21k"), "The `weights` argument"),
+    ],
+)
+def test_bad_builder_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ks.Sequencer2DS(**kwargs)
+
+
+def test_any_channel_count_without_preprocessing_or_weights():
+    model = ks.Sequencer2DS(weights=None, include_preprocessing=False, input_shape=(28, 28, 1))
+    assert model.get_layer("stem").kernel.shape == (7, 7, 1, 192)
+
+
+def test_generic_builder_and_errors():
+    model = ks.Sequencer2D(
+        layers=(1, 1), patch_sizes=(4, 2), embed_dims=(16, 32), hidden_sizes=(4, 8),
+        mlp_ratios=(2, 2), input_shape=(32, 32, 3), classes=3,
+    )
+    assert model.output_shape == (None, 3)
+    with pytest.raises(ValueError, match="same length"):
+        ks.Sequencer2D(layers=(1, 1), patch_sizes=(4,), embed_dims=(16, 32),
+                       hidden_sizes=(4, 8), mlp_ratios=(2, 2))
+    with pytest.raises(ValueError, match="No ImageNet weights"):
+        ks.create_model("sequencer2d_s_add", weights="imagenet")
+    with pytest.raises(ValueError, match="Unknown model 'sequencer2d_xl'"):
+        ks.create_model("sequencer2d_xl")
+
+
+def test_every_sublayer_is_built_at_construction():
+    # An unbuilt sublayer makes Keras run a first eager pass (very slow on JAX).
+    model = ks.create_model("sequencer2d_s", input_shape=(28, 28, 3), drop_path_rate=0.1)
+    assert all(layer.built for layer in model._flatten_layers())

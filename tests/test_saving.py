@@ -1,0 +1,66 @@
+"""Save/load round trips and mixed precision."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sequencer as ks
+from conftest import run_model
+
+
+def _small_model():
+    return ks.Sequencer2D(
+        layers=(2, 1), patch_sizes=(4, 2), embed_dims=(16, 24), hidden_sizes=(4, 6),
+        mlp_ratios=(2.0, 3.0), rnn_type="lstm", drop_path_rate=0.1, input_shape=(24, 20, 3),
+        classes=5, name="tiny",
+    )
+
+
+def test_keras_file_round_trip(tmp_path, rng):
+    model = _small_model()
+    x = rng.uniform(0, 255, (2, 24, 20, 3)).astype("float32")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_array_equal(run_model(restored, x), run_model(model, x))
+    assert restored.get_layer("stages_0_blocks_1").drop_path.rate == pytest.approx(0.05)
+
+
+def test_full_size_keras_file_round_trip(tmp_path, rng):
+    model = ks.Sequencer2DS(weights=None, input_shape=(28, 28, 3))
+    path = tmp_path / "s.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    x = rng.uniform(0, 255, (1, 28, 28, 3)).astype("float32")
+    np.testing.assert_array_equal(run_model(restored, x), run_model(model, x))
+
+
+def test_weights_file_round_trip_through_builder(tmp_path, rng):
+    model = _small_model()
+    path = tmp_path / "tiny.weights.h5"
+    model.save_weights(path)
+    again = ks.Sequencer2D(
+        layers=(2, 1), patch_sizes=(4, 2), embed_dims=(16, 24), hidden_sizes=(4, 6),
+        mlp_ratios=(2.0, 3.0), input_shape=(24, 20, 3), classes=5, weights=str(path),
+    )
+    x = rng.uniform(0, 255, (2, 24, 20, 3)).astype("float32")
+    np.testing.assert_array_equal(run_model(again, x), run_model(model, x))
+
+
+def test_corrupt_weights_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.weights.h5"
+    path.write_bytes(b"not an hdf5 file")
+    with pytest.raises(ValueError, match="corrupt or belongs to another model"):
+        ks.Sequencer2DS(weights=str(path), input_shape=(28, 28, 3))
+
+
+def test_mixed_bfloat16_builds_and_runs(rng):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = ks.Sequencer2DS(weights=None, input_shape=(28, 28, 3))
+        out = run_model(model, rng.uniform(0, 255, (2, 28, 28, 3)).astype("float32"))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.get_layer("stages_0_blocks_0").compute_dtype == "bfloat16"
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(out.sum(axis=-1), 1.0, atol=1e-3)
