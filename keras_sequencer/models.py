@@ -4,10 +4,8 @@ import os
 
 import keras
 
+from keras_sequencer.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _S = dict(
     layers=(4, 3, 8, 3),
@@ -184,6 +182,13 @@ def Sequencer2D(
             f"needs 3 input channels. Received: input_shape={input_shape}"
         )
 
+    imagenet_model = None
+    if weights == "imagenet":
+        # Fetch (or read the cache) before building, so a network error comes fast.
+        from keras_sequencer.weights import imagenet_source_model
+
+        imagenet_model = imagenet_source_model(weights_variant)
+
     if input_tensor is None:
         img_input = keras.Input(shape=input_shape, name="input_layer")
     elif not keras.backend.is_keras_tensor(input_tensor):
@@ -248,9 +253,11 @@ def Sequencer2D(
     )
     model = keras.Model(inputs=inputs, outputs=x, name=name)
 
-    if weights is not None:
-        from keras_sequencer.weights import load_weights
+    from keras_sequencer.weights import load_weights, transfer_weights
 
+    if imagenet_model is not None:
+        transfer_weights(imagenet_model, model)
+    elif weights is not None:
         load_weights(model, weights, variant=weights_variant)
     return model
 

@@ -1,0 +1,308 @@
+"""weights="imagenet" against a local hub (127.0.0.1), and local checkpoint files.
+
+Served files are random-weight checkpoints made from timm here; no test touches
+the internet.
+"""
+
+import hashlib
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("timm")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import torch  # noqa: E402
+
+import keras_sequencer as ks  # noqa: E402
+from keras_sequencer import weights as weights_module  # noqa: E402
+from conftest import run_model  # noqa: E402
+from reference import (  # noqa: E402
+    AUTHORS_VARIANTS,
+    make_reference,
+    normalize,
+    reference_logits,
+    to_authors_layout,
+)
+
+REPO, COMMIT, FILENAME, _ = weights_module.PRETRAINED["sequencer2d_s"]
+HUB_PATH = f"/{REPO}/resolve/{COMMIT}/{FILENAME}"
+SIZE = 56
+
+
+class Hub:
+    """A tiny Hugging-Face-shaped file server on 127.0.0.1 (port 0)."""
+
+    def __init__(self):
+        self.files = {}  # path -> bytes
+        self.mode = "ok"  # ok | truncate | slow
+        self.requests = 0
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub.requests += 1
+                body = hub.files.get(self.path)
+                if body is None:
+                    self.send_error(404, "Entry not found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    if hub.mode == "truncate":
+                        self.wfile.write(body[: len(body) // 2])
+                    elif hub.mode == "slow":
+                        for start in range(0, len(body), 1 << 20):
+                            self.wfile.write(body[start : start + (1 << 20)])
+                            time.sleep(0.2)
+                    else:
+                        self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _safetensors_bytes(state_dict, path):
+    arrays = {k: np.ascontiguousarray(v.detach().numpy()) for k, v in state_dict.items()}
+    safetensors_numpy.save_file(arrays, str(path))
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return make_reference("sequencer2d_s", seed=5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(reference, tmp_path_factory):
+    return _safetensors_bytes(reference.state_dict(), tmp_path_factory.mktemp("ckpt") / "model.safetensors")
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path, checkpoint_bytes):
+    server = Hub()
+    server.files[HUB_PATH] = checkpoint_bytes
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    sha = hashlib.sha256(checkpoint_bytes).hexdigest()
+    monkeypatch.setitem(weights_module.PRETRAINED, "sequencer2d_s", (REPO, COMMIT, FILENAME, sha))
+    yield server
+    server.stop()
+
+
+def _cache_files():
+    directory = weights_module.cache_dir()
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def _assert_parity(model, reference, rng):
+    images = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    diff = np.abs(run_model(model, images) - reference_logits(reference, normalize(images))).max()
+    assert diff <= 1e-4, diff
+
+
+def test_imagenet_download_convert_cache_and_reuse_offline(hub, reference, rng):
+    model = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    _assert_parity(model, reference, rng)
+    assert hub.requests == 1
+    assert _cache_files() == [os.path.basename(weights_module.cached_weights_path("sequencer2d_s"))]
+    hub.stop()  # later calls use only the cache
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        again = ks.Sequencer2DS(include_top=False, pooling="avg", input_shape=(SIZE, SIZE, 3))
+    finally:
+        del os.environ["HF_HUB_OFFLINE"]
+    full = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    assert hub.requests == 1
+    images = rng.uniform(0, 255, (1, SIZE, SIZE, 3)).astype("float32")
+    features = run_model(again, images)
+    with torch.no_grad():
+        x = torch.from_numpy(normalize(images).transpose(0, 3, 1, 2).copy())
+        expected = reference.forward_head(reference.forward_features(x), pre_logits=True).numpy()
+    assert np.abs(features - expected).max() <= 1e-4
+    _assert_parity(full, reference, rng)
+
+
+def test_hash_mismatch_removes_the_file(hub, monkeypatch):
+    monkeypatch.setitem(weights_module.PRETRAINED, "sequencer2d_s", (REPO, COMMIT, FILENAME, "0" * 64))
+    with pytest.raises(ValueError, match="sha256 mismatch.*expected 0{64}, got [0-9a-f]{64}"):
+        ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
+    assert _cache_files() == []
+
+
+def test_truncated_body(hub):
+    hub.mode = "truncate"
+    with pytest.raises(ValueError, match="truncated|interrupted"):
+        ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
+    assert _cache_files() == []
+
+
+def test_not_found(hub):
+    hub.files.clear()
+    with pytest.raises(ValueError, match=r"HTTP 404.*local file"):
+        ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
+    assert _cache_files() == []
+
+
+def test_connection_refused_fails_fast_and_says_what_to_do(hub, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
+    assert time.monotonic() - start < 15
+    message = str(info.value)
+    assert f"http://127.0.0.1:{port}{HUB_PATH}" in message
+    assert "HF_ENDPOINT" in message and "local file" in message
+
+
+def test_offline_without_cache(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
+    assert hub.requests == 0
+
+
+def test_wrong_variant_file_names_the_variant(hub):
+    gru = make_reference("gru_sequencer2d_s", seed=6)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        from pathlib import Path
+
+        body = _safetensors_bytes(gru.state_dict(), Path(d) / "gru.safetensors")
+    hub.files[HUB_PATH] = body
+    weights_module.PRETRAINED["sequencer2d_s"] = (REPO, COMMIT, FILENAME, hashlib.sha256(body).hexdigest())
+    with pytest.raises(ValueError, match="looks like 'gru_sequencer2d_s'"):
+        ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
+    assert _cache_files() == []
+
+
+def _loader_script(sha):
+    return textwrap.dedent(
+        f"""
+        import keras_sequencer as ks
+        from keras_sequencer import weights
+        weights.PRETRAINED["sequencer2d_s"] = ({REPO!r}, {COMMIT!r}, {FILENAME!r}, {sha!r})
+        model = ks.Sequencer2DS(input_shape=({SIZE}, {SIZE}, 3))
+        print("loaded", flush=True)
+        """
+    )
+
+
+# The two multi-process tests exercise file handling, the same on every backend;
+# they start fresh interpreters, so they run once (TensorFlow) to keep CI short.
+only_once = pytest.mark.skipif(
+    os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+    reason="backend-independent multi-process test, run under TensorFlow",
+)
+
+
+@only_once
+def test_two_processes_loading_at_once(hub, checkpoint_bytes):
+    script = _loader_script(hashlib.sha256(checkpoint_bytes).hexdigest())
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        assert "loaded" in out
+    assert _cache_files() == [os.path.basename(weights_module.cached_weights_path("sequencer2d_s"))]
+
+
+@only_once
+def test_killed_download_leaves_nothing_taken_for_good(hub, checkpoint_bytes, reference, rng):
+    hub.mode = "slow"
+    script = _loader_script(hashlib.sha256(checkpoint_bytes).hexdigest())
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if hub.requests and any(f.endswith(".part") for f in _cache_files()):
+            directory = weights_module.cache_dir()
+            sizes = [os.path.getsize(os.path.join(directory, f)) for f in _cache_files()]
+            if max(sizes) > 2 << 20:
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not any(f.endswith(".weights.h5") for f in _cache_files())
+    hub.mode = "ok"
+    model = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    _assert_parity(model, reference, rng)
+
+
+def test_authors_pth_file_loads_as_it_is(tmp_path, rng):
+    reference = make_reference("sequencer2d_s", seed=7)
+    path = tmp_path / "sequencer2d_s.pth"
+    torch.save(to_authors_layout(reference.state_dict(), AUTHORS_VARIANTS["sequencer2d_s"]["layers"]), path)
+    model = ks.Sequencer2DS(weights=str(path), input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    _assert_parity(model, reference, rng)
+
+
+def test_local_safetensors_and_corrupt_files(tmp_path, reference, checkpoint_bytes, rng):
+    good = tmp_path / "model.safetensors"
+    good.write_bytes(checkpoint_bytes)
+    model = ks.Sequencer2DS(weights=str(good), input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    _assert_parity(model, reference, rng)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(checkpoint_bytes[: len(checkpoint_bytes) // 3])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ks.Sequencer2DS(weights=str(truncated), input_shape=(SIZE, SIZE, 3))
+
+    pth = tmp_path / "model.pth"
+    torch.save(reference.state_dict(), pth)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(pth.read_bytes()[:100_000])
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        ks.Sequencer2DS(weights=str(broken), input_shape=(SIZE, SIZE, 3))
+
+    unknown = tmp_path / "model.npz"
+    unknown.write_bytes(b"x")
+    with pytest.raises(ValueError, match="Unsupported weights file"):
+        ks.Sequencer2DS(weights=str(unknown), input_shape=(SIZE, SIZE, 3))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        ks.Sequencer2DS(weights=str(path), input_shape=(SIZE, SIZE, 3))
+
+
+def test_missing_torch_is_explained(tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"anything")
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    with pytest.raises(ValueError, match="needs torch.*weights_conversion"):
+        weights_module.read_checkpoint(path)
