@@ -1,5 +1,7 @@
 """Sequencer2D building blocks as Keras 3 layers (channels-last everywhere)."""
 
+import contextlib
+
 import keras
 from keras import layers, ops
 
@@ -38,6 +40,28 @@ def make_recurrent_layer(rnn_type, hidden_size, name):
     if rnn_type == "rnn":
         return layers.SimpleRNN(hidden_size, activation="tanh", **common)
     raise ValueError(f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}.")
+
+
+@contextlib.contextmanager
+def _outside_object_sharing_scope():
+    """Keras' Bidirectional copies its layer by serialize/deserialize. Inside
+    load_model's object-sharing scope those copies are keyed by id(), and an id
+    reused after garbage collection can hand back another block's LSTM (seen as a
+    random "different `go_backwards`" error when loading a .keras file)."""
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # internals moved: nothing to work around
+        yield
+        return
+    keys = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_map")
+    saved = [global_state.get_global_attribute(key) for key in keys]
+    for key in keys:
+        global_state.set_global_attribute(key, None)
+    try:
+        yield
+    finally:
+        for key, value in zip(keys, saved):
+            global_state.set_global_attribute(key, value)
 
 
 @_serializable
@@ -118,7 +142,8 @@ class BiLSTM2D(layers.Layer):
         rnn = make_recurrent_layer(self.rnn_type, self.hidden_size, name=f"{name}_forward")
         if not self.bidirectional:
             return rnn
-        return layers.Bidirectional(rnn, merge_mode="concat", name=name)
+        with _outside_object_sharing_scope():
+            return layers.Bidirectional(rnn, merge_mode="concat", name=name)
 
     @property
     def union_size(self):
