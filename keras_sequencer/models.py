@@ -4,6 +4,7 @@ import os
 
 import keras
 
+from keras_sequencer.convert import load_torch_state_dict
 from keras_sequencer.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock
 
@@ -95,9 +96,9 @@ def _resolve_input_shape(input_shape, input_tensor, default_size, min_size, weig
             "`input_shape` must be a tuple of three integers (height, width, "
             f"channels). Received: input_shape={input_shape}"
         )
-    if weights is not None and input_shape[-1] != 3:
+    if weights == "imagenet" and input_shape[-1] != 3:
         raise ValueError(
-            "The input must have 3 channels when loading pretrained weights. "
+            "The input must have 3 channels when loading ImageNet weights. "
             f"Received: input_shape={input_shape}"
         )
     for size in input_shape[:2]:
@@ -110,11 +111,11 @@ def _resolve_input_shape(input_shape, input_tensor, default_size, min_size, weig
 
 
 def Sequencer2D(
-    layers_per_stage=(4, 3, 8, 3),
-    patch_sizes=(7, 2, 1, 1),
-    embed_dims=(192, 384, 384, 384),
-    hidden_sizes=(48, 96, 96, 96),
-    mlp_ratios=(3.0, 3.0, 3.0, 3.0),
+    layers,
+    patch_sizes,
+    embed_dims,
+    hidden_sizes,
+    mlp_ratios,
     rnn_type="lstm",
     bidirectional=True,
     union="cat",
@@ -132,18 +133,15 @@ def Sequencer2D(
     name="sequencer2d",
     default_size=224,
     weights_variant=None,
-    layers=None,
 ):
     """Builds a Sequencer2D model from the reference configuration.
 
-    The first five arguments are the reference's architecture lists (`layers`
-    is accepted as an alias of `layers_per_stage`, the reference's name). The
-    rest follow `keras.applications` (see `Sequencer2DS`). `weights_variant`
+    The first five arguments are the reference's architecture lists (blocks,
+    patch size, width, LSTM hidden size and MLP ratio per stage). The rest
+    follow `keras.applications` (see `Sequencer2DS`). `weights_variant`
     names the registry entry whose ImageNet weights `weights="imagenet"` loads.
     """
-    if layers is not None:
-        layers_per_stage = layers
-    arch_lists = (layers_per_stage, patch_sizes, embed_dims, hidden_sizes, mlp_ratios)
+    arch_lists = (layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios)
     if len({len(a) for a in arch_lists}) != 1:
         raise ValueError(
             "layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios must "
@@ -182,12 +180,15 @@ def Sequencer2D(
             f"needs 3 input channels. Received: input_shape={input_shape}"
         )
 
-    imagenet_model = None
-    if weights == "imagenet":
-        # Fetch (or read the cache) before building, so a network error comes fast.
-        from keras_sequencer.weights import imagenet_source_model
+    # Fetch and read weights before the (slow) build, so that a network error or
+    # a bad file is reported at once.
+    from keras_sequencer import weights as weights_lib
 
-        imagenet_model = imagenet_source_model(weights_variant)
+    imagenet_model = state_dict = None
+    if weights == "imagenet":
+        imagenet_model = weights_lib.imagenet_source_model(weights_variant)
+    elif weights is not None and not weights_lib.is_keras_weights_file(weights):
+        state_dict = weights_lib.read_checkpoint(weights)
 
     if input_tensor is None:
         img_input = keras.Input(shape=input_shape, name="input_layer")
@@ -205,9 +206,9 @@ def Sequencer2D(
             name="preprocessing",
         )(x)
 
-    rates = drop_path_rates(layers_per_stage, drop_path_rate)
+    rates = drop_path_rates(layers, drop_path_rate)
     block_index = 0
-    for stage, depth in enumerate(layers_per_stage):
+    for stage, depth in enumerate(layers):
         # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
         conv_name = "stem" if stage == 0 else f"stages_{stage}_downsample"
         x = keras.layers.Conv2D(
@@ -253,12 +254,12 @@ def Sequencer2D(
     )
     model = keras.Model(inputs=inputs, outputs=x, name=name)
 
-    from keras_sequencer.weights import load_weights, transfer_weights
-
     if imagenet_model is not None:
-        transfer_weights(imagenet_model, model)
+        weights_lib.transfer_weights(imagenet_model, model)
+    elif state_dict is not None:
+        load_torch_state_dict(model, state_dict, source=f"checkpoint {os.fspath(weights)!r}")
     elif weights is not None:
-        load_weights(model, weights, variant=weights_variant)
+        weights_lib.load_weights(model, weights, variant=weights_variant)
     return model
 
 
@@ -280,8 +281,7 @@ def _builder(variant, model_name):
         drop_path_rate=0.0,
     ):
         return Sequencer2D(
-            layers_per_stage=arch["layers"],
-            **{k: v for k, v in arch.items() if k != "layers"},
+            **arch,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             include_top=include_top,
@@ -346,7 +346,6 @@ def create_model(name, **kwargs):
         )
     config = MODEL_CONFIGS[name]
     arch = dict(config["arch"])
-    arch["layers_per_stage"] = arch.pop("layers")
     arch.update(
         default_size=config["default_size"],
         weights_variant=config["weights_variant"],

@@ -243,9 +243,11 @@ def _read_torch_pickle(path):
 
 
 def _load_keras_weights_file(model, path):
+    before = model.get_weights()
     try:
         model.load_weights(path)
     except Exception as error:  # h5py/Keras internals are not a user-facing message
+        model.set_weights(before)  # Keras may have assigned some layers already
         raise WeightsError(
             f"Could not load weights from {path!r} into {model.name!r}: the file is "
             f"corrupt or belongs to another model ({type(error).__name__}: {error})"
@@ -253,6 +255,10 @@ def _load_keras_weights_file(model, path):
 
 
 # ---------------------------------------------------------------- model loading
+
+
+def is_keras_weights_file(path):
+    return os.fspath(path).endswith(".h5")
 
 
 def load_weights(model, weights, variant=None):
@@ -264,7 +270,7 @@ def load_weights(model, weights, variant=None):
     if weights == "imagenet":
         return load_imagenet_weights(model, variant)
     path = os.fspath(weights)
-    if path.endswith(".h5"):
+    if is_keras_weights_file(path):
         if not os.path.isfile(path):
             raise WeightsError(f"No such weights file: {path!r}")
         _load_keras_weights_file(model, path)
@@ -319,6 +325,7 @@ def fetch_imagenet_weights(variant, progress=True):
             f"cached at {cached!r}. " + _how_to_work_offline()
         )
     url = weights_url(variant)
+    _remove_stale_partial_files(os.path.dirname(cached))
     download_path = _atomic_target(cached + ".safetensors")
     try:
         download(url, download_path, sha256=sha256, progress=progress)
@@ -338,6 +345,21 @@ def fetch_imagenet_weights(variant, progress=True):
     finally:
         _remove(download_path)
     return canonical
+
+
+def _remove_stale_partial_files(directory, max_age_s=24 * 3600):
+    """Temporary files of killed downloads; recent ones may belong to a live process."""
+    if not os.path.isdir(directory):
+        return
+    now = time.time()
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(".") and name.endswith(".part"):
+            try:
+                if now - os.path.getmtime(path) > max_age_s:
+                    os.remove(path)
+            except OSError:
+                pass
 
 
 def transfer_weights(source, target):
