@@ -16,6 +16,7 @@ from PIL import Image  # noqa: E402
 from sklearn.datasets import load_sample_images  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
+from conftest import run_model, run_once  # noqa: E402
 from keras_sequencer import cli  # noqa: E402
 from reference import (  # noqa: E402
     AUTHORS_VARIANTS,
@@ -128,6 +129,7 @@ def _run(args, **kwargs):
     )
 
 
+@run_once
 def test_weights_conversion_command_with_verify(checkpoint, tmp_path, rng):
     reference, path = checkpoint
     output = tmp_path / "s.weights.h5"
@@ -138,14 +140,13 @@ def test_weights_conversion_command_with_verify(checkpoint, tmp_path, rng):
     assert "top-1 agreement with timm: 1.000" in result.stdout
     model = ks.Sequencer2DS(weights=str(output), input_shape=(SIZE, SIZE, 3), classifier_activation=None)
     images = rng.uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
-    from conftest import run_model
-
     diff = np.abs(run_model(model, images) - reference_logits(reference, normalize(images))).max()
     assert diff <= 1e-4
     again = _run(["-m", "weights_conversion", path, "--output", str(output)])
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+@run_once
 def test_weights_conversion_wrong_variant_is_a_clear_error(checkpoint, tmp_path):
     _, path = checkpoint
     result = _run(["-m", "weights_conversion", path, "--variant", "sequencer2d_m",
@@ -155,6 +156,7 @@ def test_weights_conversion_wrong_variant_is_a_clear_error(checkpoint, tmp_path)
     assert not (tmp_path / "m.weights.h5").exists()
 
 
+@run_once
 def test_examples_run(photos, checkpoint, tmp_path):
     _, path = checkpoint
     converted = tmp_path / "example.weights.h5"

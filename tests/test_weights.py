@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
 from keras_sequencer import weights as weights_module  # noqa: E402
-from conftest import run_model  # noqa: E402
+from conftest import run_model, run_once  # noqa: E402
 from reference import (  # noqa: E402
     AUTHORS_VARIANTS,
     make_reference,
@@ -214,15 +214,7 @@ def _loader_script(sha):
     )
 
 
-# The two multi-process tests exercise file handling, the same on every backend;
-# they start fresh interpreters, so they run once (TensorFlow) to keep CI short.
-only_once = pytest.mark.skipif(
-    os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
-    reason="backend-independent multi-process test, run under TensorFlow",
-)
-
-
-@only_once
+@run_once
 def test_two_processes_loading_at_once(hub, checkpoint_bytes):
     script = _loader_script(hashlib.sha256(checkpoint_bytes).hexdigest())
     procs = [
@@ -236,7 +228,7 @@ def test_two_processes_loading_at_once(hub, checkpoint_bytes):
     assert _cache_files() == [os.path.basename(weights_module.cached_weights_path("sequencer2d_s"))]
 
 
-@only_once
+@run_once
 def test_killed_download_leaves_nothing_taken_for_good(hub, checkpoint_bytes, reference, rng):
     hub.mode = "slow"
     script = _loader_script(hashlib.sha256(checkpoint_bytes).hexdigest())
