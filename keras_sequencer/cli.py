@@ -1,4 +1,4 @@
-"""The `keras-sequencer` command: predict and evaluate."""
+"""The `keras-sequencer` command: predict, evaluate and demo."""
 
 import argparse
 import json
@@ -42,6 +42,12 @@ def build_parser():
     evaluate.add_argument("data_dir")
     model_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=32)
+
+    demo = sub.add_parser("demo", help="train a compact Sequencer2D on scikit-learn's digits (offline)")
+    demo.add_argument("--output", default="sequencer_demo", help="folder for the model, log and plots")
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -168,12 +174,20 @@ def run_evaluate(args):
     return 0
 
 
+def run_demo(args):
+    from keras_sequencer.demo import run_demo as demo
+
+    accuracy = demo(args.output, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, verbose=2)
+    print(f"saved the model, training log and plots in {args.output}/")
+    print(f"accuracy: {accuracy:.3f}")
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    commands = {"predict": run_predict, "evaluate": run_evaluate, "demo": run_demo}
     try:
-        if args.command == "predict":
-            return run_predict(args)
-        return run_evaluate(args)
+        return commands[args.command](args)
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
