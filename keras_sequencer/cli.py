@@ -141,15 +141,12 @@ def list_labelled_images(data_dir):
 def run_evaluate(args):
     import numpy as np
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is optional
-        tqdm = None
+    from tqdm.auto import tqdm
 
     samples = list_labelled_images(args.data_dir)
     model = load_model(args)
     top1 = top5 = seen = skipped = 0
-    bar = tqdm(total=len(samples), unit="img") if tqdm else None
+    bar = tqdm(total=len(samples), unit="img")
     for start in range(0, len(samples), args.batch_size):
         chunk = samples[start : start + args.batch_size]
         images, kept = _load_batch([p for p, _ in chunk], args)
@@ -162,10 +159,8 @@ def run_evaluate(args):
             top1 += int((ranked[:, 0] == labels).sum())
             top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
             seen += len(labels)
-        if bar:
-            bar.update(len(chunk))
-    if bar:
-        bar.close()
+        bar.update(len(chunk))
+    bar.close()
     if not seen:
         raise CommandError("none of the images could be read")
     print(f"images: {seen}" + (f" (skipped {skipped} unreadable)" if skipped else ""))

@@ -172,21 +172,11 @@ def _how_to_work_offline():
 
 
 def _progress_bar(total, description, enabled):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is a nicety, not a requirement
-        enabled = False
-    if not enabled:
+    from tqdm.auto import tqdm
 
-        class _Silent:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-
-        return _Silent()
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=not enabled
+    )
 
 
 # ---------------------------------------------------------------- reading files
