@@ -1,0 +1,158 @@
+"""Inference throughput of keras_sequencer on each Keras backend against timm, in one run.
+
+    python benchmarks/throughput.py [--variants sequencer2d_s] [--batches 1 16] [--rounds 5]
+
+Each engine (timm, and Keras on tensorflow / jax / torch) runs in its own worker
+process with its model loaded once. The coordinator then asks the workers in
+turn (A B C D A B C D ...) for one timed round each, so machine drift hits every
+engine alike, and reports medians and ratios to timm. Results go to
+benchmarks/results/throughput.json and a markdown table on stdout.
+Run by hand, not by CI.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ENGINES = ("timm", "tensorflow", "jax", "torch")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def worker(engine, variant, batch, size, min_seconds):
+    """Loads one model, then answers 'run' lines with img/s of one timed round."""
+    import numpy as np
+
+    images = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    if engine == "timm":
+        import timm
+        import torch
+
+        model = timm.create_model(variant, pretrained=False).eval()
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+
+    else:
+        os.environ["KERAS_BACKEND"] = engine
+        import keras
+
+        import keras_sequencer as ks
+
+        model = ks.create_model(variant, input_shape=(size, size, 3))
+        if engine == "jax":
+            # Compiled inference; eager JAX recompiles every recurrent loop.
+            step = lambda: model.predict_on_batch(images)  # noqa: E731
+        elif engine == "tensorflow":
+            import tensorflow as tf
+
+            fn = tf.function(lambda x: model(x, training=False))
+            step = lambda: fn(images).numpy()  # noqa: E731
+        else:
+            import torch
+
+            def step():
+                with torch.inference_mode():
+                    keras.ops.convert_to_numpy(model(images, training=False))
+
+    step()  # warm-up / compile
+    step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        count, start = 0, time.perf_counter()
+        while True:
+            step()
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        print(json.dumps({"img_s": count * batch / elapsed}), flush=True)
+
+
+def coordinate(args):
+    results = []
+    for variant in args.variants:
+        for batch in args.batches:
+            workers = {}
+            for engine in args.engines:
+                workers[engine] = subprocess.Popen(
+                    [sys.executable, __file__, "--worker", engine, "--variants", variant,
+                     "--batches", str(batch), "--size", str(args.size), "--min-seconds", str(args.min_seconds)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                )
+                # Start workers one at a time so their warm-ups do not overlap.
+                line = workers[engine].stdout.readline()
+                if line.strip() != "ready":
+                    raise RuntimeError(f"{engine} worker failed to start")
+            samples = {engine: [] for engine in workers}
+            for _ in range(args.rounds):
+                for engine, proc in workers.items():  # A B C D, A B C D, ...
+                    proc.stdin.write("run\n")
+                    proc.stdin.flush()
+                    samples[engine].append(json.loads(proc.stdout.readline())["img_s"])
+            for proc in workers.values():
+                proc.stdin.close()
+                proc.wait()
+            medians = {engine: statistics.median(s) for engine, s in samples.items()}
+            for engine, median in medians.items():
+                results.append(dict(
+                    variant=variant, batch=batch, size=args.size, engine=engine,
+                    img_s=median, samples=samples[engine],
+                    ratio_to_timm=median / medians["timm"] if "timm" in medians else None,
+                ))
+    return results
+
+
+def versions():
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor(), "cpus": os.cpu_count()}
+    for name in ("keras", "tensorflow-cpu", "tensorflow", "jax", "torch", "timm"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def markdown(results):
+    lines = ["| variant | batch | engine | img/s (median) | ratio to timm |", "|---|---|---|---|---|"]
+    for r in results:
+        ratio = f"{r['ratio_to_timm']:.2f}x" if r["ratio_to_timm"] is not None else "-"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['engine']} | {r['img_s']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+", default=["sequencer2d_s"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument("--worker")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.variants[0], args.batches[0], args.size, args.min_seconds)
+    results = coordinate(args)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "throughput.json"), "w") as f:
+        json.dump({"versions": versions(), "results": results}, f, indent=2)
+    print(markdown(results))
+    print()
+    print(json.dumps(versions()))
+
+
+if __name__ == "__main__":
+    main()
