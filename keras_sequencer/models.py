@@ -4,7 +4,6 @@ import os
 
 import keras
 
-from keras_sequencer.convert import load_torch_state_dict
 from keras_sequencer.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock
 
@@ -184,11 +183,7 @@ def Sequencer2D(
     # a bad file is reported at once.
     from keras_sequencer import weights as weights_lib
 
-    imagenet_model = state_dict = None
-    if weights == "imagenet":
-        imagenet_model = weights_lib.imagenet_source_model(weights_variant)
-    elif weights is not None and not weights_lib.is_keras_weights_file(weights):
-        state_dict = weights_lib.read_checkpoint(weights)
+    fill_weights = None if weights is None else weights_lib.weights_loader(weights, weights_variant)
 
     if input_tensor is None:
         img_input = keras.Input(shape=input_shape, name="input_layer")
@@ -254,12 +249,8 @@ def Sequencer2D(
     )
     model = keras.Model(inputs=inputs, outputs=x, name=name)
 
-    if imagenet_model is not None:
-        weights_lib.transfer_weights(imagenet_model, model)
-    elif state_dict is not None:
-        load_torch_state_dict(model, state_dict, source=f"checkpoint {os.fspath(weights)!r}")
-    elif weights is not None:
-        weights_lib.load_weights(model, weights, variant=weights_variant)
+    if fill_weights is not None:
+        fill_weights(model)
     return model
 
 

@@ -251,22 +251,29 @@ def is_keras_weights_file(path):
     return os.fspath(path).endswith(".h5")
 
 
-def load_weights(model, weights, variant=None):
-    """Fills `model` from "imagenet", a .weights.h5, .safetensors or PyTorch file.
+def weights_loader(weights, variant=None):
+    """Fetches or reads `weights` now ("imagenet", a .weights.h5, .safetensors or
+    PyTorch file) and returns a function that fills a model with them, so that
+    network errors and bad files surface before a slow model build.
 
-    On any error the model is left as it was (checkpoint loads validate every
-    tensor before assigning any).
+    Filling leaves the model as it was on any error (checkpoint loads validate
+    every tensor before assigning any; a failed .weights.h5 load is rolled back).
     """
     if weights == "imagenet":
-        return load_imagenet_weights(model, variant)
+        source = imagenet_source_model(variant)
+        return lambda model: transfer_weights(source, model)
     path = os.fspath(weights)
     if is_keras_weights_file(path):
         if not os.path.isfile(path):
             raise WeightsError(f"No such weights file: {path!r}")
-        _load_keras_weights_file(model, path)
-        return model
+        return lambda model: _load_keras_weights_file(model, path)
     state_dict = read_checkpoint(path)
-    load_torch_state_dict(model, state_dict, source=f"checkpoint {path!r}")
+    return lambda model: load_torch_state_dict(model, state_dict, source=f"checkpoint {path!r}")
+
+
+def load_weights(model, weights, variant=None):
+    """Fills `model` from "imagenet" (of `variant`) or a weights file; see `weights_loader`."""
+    weights_loader(weights, variant)(model)
     return model
 
 
@@ -275,11 +282,6 @@ def _canonical_model(variant):
     from keras_sequencer.models import create_model
 
     return create_model(variant, input_shape=(None, None, 3), classifier_activation=None)
-
-
-def load_imagenet_weights(model, variant):
-    transfer_weights(imagenet_source_model(variant), model)
-    return model
 
 
 def imagenet_source_model(variant):
@@ -325,16 +327,24 @@ def fetch_imagenet_weights(variant, progress=True):
             load_torch_state_dict(canonical, state_dict, source=f"file downloaded from {url}")
         except (WeightsError, CheckpointMismatchError) as error:
             raise WeightsError(f"The file downloaded from {url} is not a valid {variant} checkpoint: {error}") from error
-        tmp = _atomic_target(cached)
-        try:
-            os.remove(tmp)  # Keras wants to create the file itself
-            canonical.save_weights(tmp + ".weights.h5")
-            os.replace(tmp + ".weights.h5", cached)
-        finally:
-            _remove(tmp + ".weights.h5")
+        save_atomically(canonical.save_weights, cached)
     finally:
         _remove(download_path)
     return canonical
+
+
+def save_atomically(save, path):
+    """Calls `save(tmp)` on a temporary name beside `path`, then renames it into
+    place: `path` is never seen half-written. The temporary name keeps `path`'s
+    ending, which Keras' savers check."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{time.monotonic_ns()}-{name}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
 
 
 def _remove_stale_partial_files(directory, max_age_s=24 * 3600):

@@ -70,7 +70,7 @@ def main(argv=None):
             return 2
 
     import keras_sequencer as ks
-    from keras_sequencer.weights import WeightsError, read_checkpoint
+    from keras_sequencer.weights import WeightsError, read_checkpoint, save_atomically
 
     if args.variant not in ks.list_models():
         print(f"Unknown variant {args.variant!r}; choose from {', '.join(ks.list_models())}", file=sys.stderr)
@@ -95,25 +95,14 @@ def main(argv=None):
             status = 1
     if status == 0:
         if args.output:
-            _save_atomically(model.save_weights, args.output)
+            save_atomically(model.save_weights, args.output)
             print(f"wrote {args.output}")
         if args.keras:
             model = ks.create_model(args.variant)  # softmax head for users
             ks.load_torch_state_dict(model, state_dict)
-            _save_atomically(model.save, args.keras)
+            save_atomically(model.save, args.keras)
             print(f"wrote {args.keras}")
     return status
-
-
-def _save_atomically(save, path):
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 if __name__ == "__main__":
