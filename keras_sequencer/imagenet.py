@@ -29,6 +29,20 @@ def preprocess_input(x, data_format=None, normalize=False):
     )
 
 
+def normalization_layer(name="preprocessing"):
+    """timm's ImageNet normalisation of RGB [0, 255] inputs as a Keras layer.
+
+    Rescaling keeps the constants in the graph (Normalization's captured
+    tensors become extra inputs in tf2onnx's ONNX files)."""
+    import keras
+
+    return keras.layers.Rescaling(
+        scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
+        offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+        name=name,
+    )
+
+
 def load_image(path_or_image, image_size=224, crop_pct=DEFAULT_CROP_PCT):
     """timm's eval transform up to normalisation: PIL bicubic resize of the short
     side to floor(image_size / crop_pct), then a centre crop. Returns float32

@@ -64,6 +64,15 @@ def _outside_object_sharing_scope():
             global_state.set_global_attribute(key, value)
 
 
+def gelu_exact(x):
+    """timm's nn.GELU (the exact erf form). TensorFlow's own gelu is written with
+    Erfc, which tf2onnx cannot convert, so on TensorFlow it is spelled with Erf
+    (TFLite fuses this pattern into its builtin GELU)."""
+    if keras.backend.backend() == "tensorflow":
+        return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+    return ops.gelu(x, approximate=False)
+
+
 @_serializable
 class DropPath(layers.Layer):
     """Stochastic depth: drops the whole residual branch per sample while training."""
@@ -282,7 +291,7 @@ class Sequencer2DBlock(layers.Layer):
     def call(self, x, training=None):
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x)), training=training)
         y = self.fc1(self.norm2(x))
-        y = ops.gelu(y, approximate=False)  # timm's nn.GELU: the exact erf form
+        y = gelu_exact(y)
         y = self.mlp_dropout(y, training=training)
         y = self.mlp_dropout(self.fc2(y), training=training)
         return x + self.drop_path(y, training=training)

@@ -4,7 +4,7 @@ import os
 
 import keras
 
-from keras_sequencer.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from keras_sequencer.imagenet import normalization_layer
 from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock
 
 _S = dict(
@@ -194,12 +194,7 @@ def Sequencer2D(
 
     x = img_input
     if include_preprocessing:
-        # Inputs are RGB in [0, 255]; normalise as timm does.
-        x = keras.layers.Normalization(
-            mean=[255.0 * m for m in IMAGENET_MEAN],
-            variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
-            name="preprocessing",
-        )(x)
+        x = normalization_layer(name="preprocessing")(x)  # RGB [0, 255] in, as timm normalises
 
     rates = drop_path_rates(layers, drop_path_rate)
     block_index = 0

@@ -8,6 +8,7 @@ place, so a killed process never leaves a file that is later taken for good.
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -81,6 +82,9 @@ def _atomic_target(path):
 
 
 def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -336,15 +340,20 @@ def fetch_imagenet_weights(variant, progress=True):
 def save_atomically(save, path):
     """Calls `save(tmp)` on a temporary name beside `path`, then renames it into
     place: `path` is never seen half-written. The temporary name keeps `path`'s
-    ending, which Keras' savers check."""
+    ending, which Keras' savers check. `path` may be a file or a directory
+    (SavedModel); an existing directory is swapped out, then removed."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{time.monotonic_ns()}-{name}")
+    old = tmp + ".old"
     try:
         save(tmp)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+        _remove(old)
 
 
 def _remove_stale_partial_files(directory, max_age_s=24 * 3600):
