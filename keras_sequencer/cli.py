@@ -1,4 +1,4 @@
-"""The `keras-sequencer` command: predict, evaluate and demo."""
+"""The `keras-sequencer` command: predict, evaluate, finetune, export and demo."""
 
 import argparse
 import json
@@ -14,12 +14,17 @@ class CommandError(Exception):
 
 
 def _variant(value):
-    name = VARIANTS.get(value, value)
+    # Checked against the registry in main(): importing it here would import
+    # keras before `export` has chosen the backend.
+    return VARIANTS.get(value, value)
+
+
+def _check_variant(args):
     from keras_sequencer.models import MODEL_CONFIGS
 
-    if name not in MODEL_CONFIGS:
-        raise argparse.ArgumentTypeError(f"unknown variant {value!r} (s, m, l or a registry name)")
-    return name
+    variant = getattr(args, "variant", None)
+    if variant is not None and variant not in MODEL_CONFIGS:
+        raise CommandError(f"unknown variant {variant!r} (s, m, l or a registry name)")
 
 
 def build_parser():
@@ -28,20 +33,55 @@ def build_parser():
 
     def model_options(p):
         p.add_argument("--variant", type=_variant, default="sequencer2d_s", help="s, m, l or a registry name")
-        p.add_argument("--weights", default="imagenet", help="imagenet, a weights file, or a .keras model")
-        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--weights", default="imagenet", help="imagenet, none, a weights file, or a .keras model")
+        p.add_argument("--image-size", type=int, default=None, help="defaults to the variant's size")
+
+    def image_options(p):
+        model_options(p)
         p.add_argument("--crop-pct", type=float, default=0.875)
 
     predict = sub.add_parser("predict", help="top-k ImageNet classes of images")
     predict.add_argument("images", nargs="+")
-    model_options(predict)
+    image_options(predict)
     predict.add_argument("--top", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     evaluate = sub.add_parser("evaluate", help="top-1/top-5 accuracy over a class-per-folder directory")
     evaluate.add_argument("data_dir")
-    model_options(evaluate)
+    image_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=32)
+
+    export = sub.add_parser("export", help="SavedModel, TFLite/LiteRT or ONNX for serving")
+    model_options(export)
+    export.add_argument("--format", choices=("saved_model", "tflite", "onnx"), default="saved_model")
+    export.add_argument("--output", required=True, help="SavedModel folder, or a .tflite / .onnx file")
+    export.add_argument("--batch-size", type=int, default=None, help="fixed batch (tflite: 1)")
+    export.add_argument(
+        "--quantize", choices=("none", "float16", "dynamic-int8"), default="none", help="tflite only"
+    )
+    export.add_argument("--uint8-input", action="store_true", help="uint8 RGB in, probabilities out")
+    export.add_argument("--overwrite", action="store_true")
+
+    finetune = sub.add_parser("finetune", help="fine-tune on a folder with one sub-folder of images per class")
+    finetune.add_argument("data_dir")
+    finetune.add_argument("--variant", type=_variant, default="sequencer2d_s", help="s, m, l or a registry name")
+    finetune.add_argument("--weights", default="imagenet", help="imagenet, none, a weights file or a .keras model")
+    finetune.add_argument("--output", default="sequencer_finetune", help="folder for the model, log and plots")
+    finetune.add_argument("--epochs", type=int, default=10)
+    finetune.add_argument("--batch-size", type=int, default=32)
+    finetune.add_argument("--image-size", type=int, default=224)
+    finetune.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warmup + cosine)")
+    finetune.add_argument("--weight-decay", type=float, default=0.05)
+    finetune.add_argument("--validation-split", type=float, default=0.2)
+    finetune.add_argument("--freeze-backbone", action="store_true", help="train the new head only")
+    finetune.add_argument("--mixed-precision", action="store_true", help="float16 on GPU, bfloat16 on CPU")
+    finetune.add_argument("--no-augment", action="store_true", help="no flips, zoom or shifts")
+    finetune.add_argument("--resume", action="store_true", help="continue the run in --output")
+    finetune.add_argument(
+        "--distribute", action="store_true",
+        help="data parallel: JAX DataParallel or TF MirroredStrategy (MultiWorker with TF_CONFIG)",
+    )
+    finetune.add_argument("--seed", type=int, default=0)
 
     demo = sub.add_parser("demo", help="train a compact Sequencer2D on scikit-learn's digits (offline)")
     demo.add_argument("--output", default="sequencer_demo", help="folder for the model, log and plots")
@@ -60,13 +100,20 @@ def load_model(args):
         if not os.path.isfile(args.weights):
             raise CommandError(f"no such model file: {args.weights}")
         return keras.models.load_model(args.weights)
-    if args.weights not in ("imagenet",) and not os.path.isfile(args.weights):
+    if args.weights not in ("imagenet", "none") and not os.path.isfile(args.weights):
         raise CommandError(f"no such weights file: {args.weights}")
     return ks.create_model(
         args.variant,
-        weights=args.weights,
+        weights=None if args.weights == "none" else args.weights,
         input_shape=(args.image_size, args.image_size, 3),
     )
+
+
+def _default_image_size(args):
+    from keras_sequencer.models import MODEL_CONFIGS
+
+    if getattr(args, "image_size", 0) is None:
+        args.image_size = MODEL_CONFIGS[args.variant]["default_size"]
 
 
 def _load_batch(paths, args):
@@ -169,6 +216,84 @@ def run_evaluate(args):
     return 0
 
 
+def _choose_export_backend(args):
+    """SavedModel and TFLite come from TensorFlow's converters, so the export runs
+    on the TensorFlow backend whatever KERAS_BACKEND says (a .keras file saved on
+    JAX or torch loads there unchanged); ONNX may also come from torch."""
+    wanted = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if args.format != "onnx" or wanted not in ("tensorflow", "torch"):
+        wanted = "tensorflow"
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != wanted:
+            raise CommandError(f"the {args.format} export needs KERAS_BACKEND={wanted}")
+    os.environ["KERAS_BACKEND"] = wanted
+
+
+def run_export(args):
+    from keras_sequencer.exporters import ExportError, export
+
+    model = load_model(args)
+    try:
+        path = export(
+            model,
+            args.output,
+            format=args.format,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            uint8_input=args.uint8_input,
+            quantize=args.quantize,
+            overwrite=args.overwrite,
+        )
+    except (ExportError, FileExistsError) as error:
+        raise CommandError(str(error)) from None
+    size = _disk_size(path)
+    print(f"wrote {path} ({args.format}, {size / 1e6:.1f} MB)")
+    return 0
+
+
+def _disk_size(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def run_finetune(args):
+    from keras_sequencer.finetune import FinetuneError, finetune
+
+    if not 0.0 < args.validation_split < 1.0:
+        raise CommandError("--validation-split must be between 0 and 1")
+    try:
+        result = finetune(
+            args.data_dir,
+            args.output,
+            variant=args.variant,
+            weights=None if args.weights == "none" else args.weights,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            validation_fraction=args.validation_split,
+            augment=not args.no_augment,
+            freeze_backbone=args.freeze_backbone,
+            mixed_precision=args.mixed_precision,
+            resume=args.resume,
+            distribute=args.distribute,
+            seed=args.seed,
+        )
+    except FinetuneError as error:
+        raise CommandError(str(error)) from None
+    print(
+        f"{result['train_images']} training and {result['validation_images']} validation images, "
+        f"{len(result['classes'])} classes" + (f", {result['skipped']} skipped" if result["skipped"] else "")
+    )
+    print(f"saved the best model, training log and plots in {args.output}/")
+    print(f"accuracy: {result['accuracy']:.3f}")
+    return 0
+
+
 def run_demo(args):
     from keras_sequencer.demo import run_demo as demo
 
@@ -180,8 +305,13 @@ def run_demo(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"predict": run_predict, "evaluate": run_evaluate, "demo": run_demo}
+    commands = {"predict": run_predict, "evaluate": run_evaluate, "export": run_export,
+                "finetune": run_finetune, "demo": run_demo}
     try:
+        if args.command == "export":
+            _choose_export_backend(args)
+        _check_variant(args)
+        _default_image_size(args)
         return commands[args.command](args)
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -34,6 +34,16 @@ def plot_history(history, path):
     return path
 
 
+def plot_history_csv(log_path, path):
+    """plot_history from a keras.callbacks.CSVLogger file (all epochs of resumed runs)."""
+    import csv
+
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    history = {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
+    return plot_history(history, path)
+
+
 def confusion_matrix(y_true, y_pred, num_classes):
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (np.asarray(y_true), np.asarray(y_pred)), 1)
