@@ -77,31 +77,45 @@ def worker(engine, variant, batch, size, min_seconds):
         print(json.dumps({"img_s": count * batch / elapsed}), flush=True)
 
 
+def start_worker(command, name):
+    """A worker process that has loaded and warmed its model ("ready")."""
+    proc = subprocess.Popen(
+        [sys.executable, *command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"{name} worker failed to start")
+    return proc
+
+
+def alternate_rounds(workers, rounds, key):
+    """One timed round per worker in turn (A B C D, A B C D, ...); `key` of each answer."""
+    samples = {engine: [] for engine in workers}
+    for _ in range(rounds):
+        for engine, proc in workers.items():
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            samples[engine].append(json.loads(proc.stdout.readline())[key])
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
+    return samples
+
+
 def coordinate(args):
     results = []
     for variant in args.variants:
         for batch in args.batches:
-            workers = {}
-            for engine in args.engines:
-                workers[engine] = subprocess.Popen(
-                    [sys.executable, __file__, "--worker", engine, "--variants", variant,
-                     "--batches", str(batch), "--size", str(args.size), "--min-seconds", str(args.min_seconds)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            # Started one at a time so their warm-ups do not overlap.
+            workers = {
+                engine: start_worker(
+                    [__file__, "--worker", engine, "--variants", variant, "--batches", str(batch),
+                     "--size", str(args.size), "--min-seconds", str(args.min_seconds)],
+                    engine,
                 )
-                # Start workers one at a time so their warm-ups do not overlap.
-                line = workers[engine].stdout.readline()
-                if line.strip() != "ready":
-                    raise RuntimeError(f"{engine} worker failed to start")
-            samples = {engine: [] for engine in workers}
-            for _ in range(args.rounds):
-                for engine, proc in workers.items():  # A B C D, A B C D, ...
-                    proc.stdin.write("run\n")
-                    proc.stdin.flush()
-                    samples[engine].append(json.loads(proc.stdout.readline())["img_s"])
-            for proc in workers.values():
-                proc.stdin.close()
-                proc.wait()
+                for engine in args.engines
+            }
+            samples = alternate_rounds(workers, args.rounds, "img_s")
             medians = {engine: statistics.median(s) for engine, s in samples.items()}
             for engine, median in medians.items():
                 results.append(dict(
