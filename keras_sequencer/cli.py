@@ -216,19 +216,26 @@ def run_evaluate(args):
     return 0
 
 
-def _choose_export_backend(args):
+def _export_backend(args):
     """SavedModel and TFLite come from TensorFlow's converters, so the export runs
     on the TensorFlow backend whatever KERAS_BACKEND says (a .keras file saved on
     JAX or torch loads there unchanged); ONNX may also come from torch."""
-    wanted = os.environ.get("KERAS_BACKEND", "tensorflow")
-    if args.format != "onnx" or wanted not in ("tensorflow", "torch"):
-        wanted = "tensorflow"
-    if "keras" in sys.modules:
-        import keras
+    import keras
 
-        if keras.backend.backend() != wanted:
-            raise CommandError(f"the {args.format} export needs KERAS_BACKEND={wanted}")
-    os.environ["KERAS_BACKEND"] = wanted
+    current = keras.backend.backend()
+    if args.format == "onnx" and current in ("tensorflow", "torch"):
+        return current
+    return "tensorflow"
+
+
+def _rerun_with_backend(backend, argv):
+    """The backend is fixed once keras is imported: run the command again in a
+    fresh interpreter with KERAS_BACKEND set."""
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    args = [sys.executable, "-m", "keras_sequencer.cli", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, args, env)
 
 
 def run_export(args):
@@ -304,12 +311,17 @@ def run_demo(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     commands = {"predict": run_predict, "evaluate": run_evaluate, "export": run_export,
                 "finetune": run_finetune, "demo": run_demo}
     try:
         if args.command == "export":
-            _choose_export_backend(args)
+            import keras
+
+            backend = _export_backend(args)
+            if keras.backend.backend() != backend:
+                _rerun_with_backend(backend, argv)
         _check_variant(args)
         _default_image_size(args)
         return commands[args.command](args)
