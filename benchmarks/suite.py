@@ -9,7 +9,8 @@ Measures, alternating engines round by round so machine drift cancels:
 - peak memory added by one forward pass at batch 1, above the loaded and warmed
   model (Linux VmHWM, reset through /proc/self/clear_refs before the pass);
 - training step time at batch 16 (AdamW, cross-entropy).
-Writes benchmarks/results/suite.json, suite.md and PNG plots. Run by hand, not by CI.
+Writes benchmarks/results/NAME.json, NAME.md, NAME_throughput.png and
+NAME_memory.png (NAME from --name, default "suite"). Run by hand, not by CI.
 """
 
 import argparse
@@ -217,7 +218,7 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def plots(results, directory):
+def plots(results, directory, name):
     try:
         import matplotlib
 
@@ -241,7 +242,7 @@ def plots(results, directory):
         ax.set_title("Inference throughput, CPU fp32 (timm = PyTorch reference)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(directory, "throughput.png"), dpi=100)
+        fig.savefig(os.path.join(directory, f"{name}_throughput.png"), dpi=100)
         plt.close(fig)
     mem = [r for r in results if r["metric"] == "peak_added_mib"]
     if mem:
@@ -255,7 +256,7 @@ def plots(results, directory):
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(os.path.join(directory, "memory.png"), dpi=100)
+        fig.savefig(os.path.join(directory, f"{name}_memory.png"), dpi=100)
         plt.close(fig)
 
 
@@ -270,6 +271,7 @@ def main():
     parser.add_argument("--memory-sizes", nargs="+", type=int, default=[224, 448, 896])
     parser.add_argument("--memory-rounds", type=int, default=1)
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "cold_start", "memory", "train"])
+    parser.add_argument("--name", default="suite", help="results file names: NAME.json, NAME.md")
     parser.add_argument("--memory-worker")
     parser.add_argument("--train-worker")
     args = parser.parse_args()
@@ -291,12 +293,12 @@ def main():
     if "train" not in args.skip:
         results += train_step(args, first)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "suite.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump({"versions": throughput.versions(), "results": results}, f, indent=2)
     table = markdown(results)
-    with open(os.path.join(RESULTS, "suite.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
         f.write(table + "\n\n" + json.dumps(throughput.versions()) + "\n")
-    plots(results, RESULTS)
+    plots(results, RESULTS, args.name)
     print(table)
     print()
     print(json.dumps(throughput.versions()))
