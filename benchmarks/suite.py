@@ -281,25 +281,31 @@ def main():
         return train_worker(args.train_worker, args.variants[0], 16, args.size, args.min_seconds)
 
     results = []
+    os.makedirs(RESULTS, exist_ok=True)
+
+    def save():  # after every section, so a crash keeps what was measured
+        with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
+            json.dump({"versions": throughput.versions(), "results": results}, f, indent=2)
+        with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
+            f.write(markdown(results) + "\n\n" + json.dumps(throughput.versions()) + "\n")
+
     if "throughput" not in args.skip:
         for row in throughput.coordinate(args):
             results.append(dict(metric="img_s", variant=row["variant"], engine=row["engine"], value=row["img_s"],
                                 samples=row["samples"], better_than_timm=row["ratio_to_timm"], batch=row["batch"]))
+        save()
     first = args.variants[0]  # the slower measurements run on the first variant only
     if "cold_start" not in args.skip:
         results += cold_start(args, first)
+        save()
     if "memory" not in args.skip:
         results += memory(args, first)
+        save()
     if "train" not in args.skip:
         results += train_step(args, first)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
-        json.dump({"versions": throughput.versions(), "results": results}, f, indent=2)
-    table = markdown(results)
-    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
-        f.write(table + "\n\n" + json.dumps(throughput.versions()) + "\n")
+        save()
     plots(results, RESULTS, args.name)
-    print(table)
+    print(markdown(results))
     print()
     print(json.dumps(throughput.versions()))
 
