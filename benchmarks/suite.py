@@ -81,20 +81,7 @@ def memory_worker(engine, variant, size):
     import numpy as np
 
     images = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
-    if engine == "timm":
-        import timm
-        import torch
-
-        model = timm.create_model(variant).eval()
-        x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-
-        def forward():
-            with torch.inference_mode():
-                model(x)
-
-    else:
-        model = _keras_model(engine, variant, (None, None, 3))
-        forward = _keras_inference(engine, model, images)
+    forward = throughput.inference_step(engine, variant, images, (None, None, 3))
     forward()  # compile / trace at this size
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -102,25 +89,6 @@ def memory_worker(engine, variant, size):
     base = _rss("VmRSS")
     forward()
     print(json.dumps({"added_bytes": _rss("VmHWM") - base}), flush=True)
-
-
-def _keras_inference(engine, model, images):
-    import keras
-
-    if engine == "jax":
-        return lambda: model.predict_on_batch(images)
-    if engine == "tensorflow":
-        import tensorflow as tf
-
-        fn = tf.function(lambda x: model(x, training=False))
-        return lambda: fn(images).numpy()
-    import torch
-
-    def forward():
-        with torch.inference_mode():
-            keras.ops.convert_to_numpy(model(images, training=False))
-
-    return forward
 
 
 def memory(args, variant):
@@ -201,7 +169,7 @@ def _summarise(metric, variant, samples, lower_is_better, **extra):
     rows = []
     for engine, median in medians.items():
         ratio = None
-        if "timm" in medians:
+        if "timm" in medians and median > 0 and medians["timm"] > 0:
             # Ratios read "x timm's speed": above 1 is better for every metric.
             ratio = medians["timm"] / median if lower_is_better else median / medians["timm"]
         rows.append(dict(metric=metric, variant=variant, engine=engine, value=median,

@@ -23,11 +23,9 @@ ENGINES = ("timm", "tensorflow", "jax", "torch")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def worker(engine, variant, batch, size, min_seconds):
-    """Loads one model, then answers 'run' lines with img/s of one timed round."""
-    import numpy as np
-
-    images = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+def inference_step(engine, variant, images, input_shape):
+    """A function running one inference of `images` on `engine` (timm or a Keras
+    backend) with a freshly built `variant` taking `input_shape` (HWC)."""
     if engine == "timm":
         import timm
         import torch
@@ -39,28 +37,36 @@ def worker(engine, variant, batch, size, min_seconds):
             with torch.inference_mode():
                 model(x)
 
-    else:
-        os.environ["KERAS_BACKEND"] = engine
-        import keras
+        return step
+    os.environ["KERAS_BACKEND"] = engine
+    import keras
 
-        import keras_sequencer as ks
+    import keras_sequencer as ks
 
-        model = ks.create_model(variant, input_shape=(size, size, 3))
-        if engine == "jax":
-            # Compiled inference; eager JAX recompiles every recurrent loop.
-            step = lambda: model.predict_on_batch(images)  # noqa: E731
-        elif engine == "tensorflow":
-            import tensorflow as tf
+    model = ks.create_model(variant, input_shape=input_shape)
+    if engine == "jax":
+        # Compiled inference; eager JAX recompiles every recurrent loop.
+        return lambda: model.predict_on_batch(images)
+    if engine == "tensorflow":
+        import tensorflow as tf
 
-            fn = tf.function(lambda x: model(x, training=False))
-            step = lambda: fn(images).numpy()  # noqa: E731
-        else:
-            import torch
+        fn = tf.function(lambda x: model(x, training=False))
+        return lambda: fn(images).numpy()
+    import torch
 
-            def step():
-                with torch.inference_mode():
-                    keras.ops.convert_to_numpy(model(images, training=False))
+    def step():
+        with torch.inference_mode():
+            keras.ops.convert_to_numpy(model(images, training=False))
 
+    return step
+
+
+def worker(engine, variant, batch, size, min_seconds):
+    """Loads one model, then answers 'run' lines with img/s of one timed round."""
+    import numpy as np
+
+    images = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    step = inference_step(engine, variant, images, (size, size, 3))
     step()  # warm-up / compile
     step()
     print("ready", flush=True)

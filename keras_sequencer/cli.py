@@ -216,18 +216,6 @@ def run_evaluate(args):
     return 0
 
 
-def _export_backend(args):
-    """SavedModel and TFLite come from TensorFlow's converters, so the export runs
-    on the TensorFlow backend whatever KERAS_BACKEND says (a .keras file saved on
-    JAX or torch loads there unchanged); ONNX may also come from torch."""
-    import keras
-
-    current = keras.backend.backend()
-    if args.format == "onnx" and current in ("tensorflow", "torch"):
-        return current
-    return "tensorflow"
-
-
 def _rerun_with_backend(backend, argv):
     """The backend is fixed once keras is imported: run the command again in a
     fresh interpreter with KERAS_BACKEND set."""
@@ -319,7 +307,10 @@ def main(argv=None):
         if args.command == "export":
             import keras
 
-            backend = _export_backend(args)
+            from keras_sequencer.exporters import export_backend
+
+            # A .keras file saved on JAX or torch loads on TensorFlow unchanged.
+            backend = export_backend(args.format, keras.backend.backend())
             if keras.backend.backend() != backend:
                 _rerun_with_backend(backend, argv)
         _check_variant(args)

@@ -36,6 +36,8 @@ def _require(module, purpose):
 
 
 def _check_arguments(model, path, format, quantize, image_size, batch_size):
+    """Refuses a bad request before anything is built; returns image_size as
+    (height, width), or None."""
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}. Expected one of {FORMATS}.")
     if quantize not in QUANTIZATIONS:
@@ -49,29 +51,35 @@ def _check_arguments(model, path, format, quantize, image_size, batch_size):
         sizes = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(sizes) != 2 or min(sizes) < 1:
             raise ValueError(f"image_size must be a positive int or (height, width). Received: {image_size}")
+        image_size = tuple(int(s) for s in sizes)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive. Received: {batch_size}")
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         raise ValueError("export() expects a Sequencer image model with one (batch, H, W, 3) input.")
 
     backend = keras.backend.backend()
-    if format == "onnx" and backend == "torch":
-        return
-    if backend != "tensorflow":
+    if export_backend(format, backend) != backend:
         raise ExportError(
             f"The {format} export runs on the TensorFlow backend (this process uses {backend!r}). "
             "Save the model with model.save('model.keras'), then load it and export with "
             "KERAS_BACKEND=tensorflow, for example: KERAS_BACKEND=tensorflow keras-sequencer export "
             f"--weights model.keras --format {format} --output ..."
         )
+    return image_size
+
+
+def export_backend(format, current):
+    """The Keras backend an export of `format` runs on, given the `current` one:
+    TensorFlow's converters make SavedModel and TFLite; ONNX also comes from torch."""
+    if format == "onnx" and current == "torch":
+        return current
+    return "tensorflow"
 
 
 def _image_size(model, image_size, format):
-    """(height, width) of the export: given, else the model's own input size."""
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
+    """(height, width) of the export: the checked image_size, else the model's own."""
     if image_size is not None:
-        return tuple(int(s) for s in image_size)
+        return image_size
     height, width = model.inputs[0].shape[1:3]
     if format == "tflite" and (height is None or width is None):
         raise ValueError(
@@ -153,7 +161,7 @@ def export(
 
     Returns the path written.
     """
-    _check_arguments(model, path, format, quantize, image_size, batch_size)
+    image_size = _check_arguments(model, path, format, quantize, image_size, batch_size)
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it.")

@@ -5,7 +5,6 @@ model, the CSV log and resumable backups, and plots at the end."""
 import json
 import os
 import sys
-import warnings
 
 import numpy as np
 
@@ -206,7 +205,7 @@ def finetune(
     included). Returns a dict of the results."""
     import keras
 
-    from keras_sequencer.models import MODEL_CONFIGS
+    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size
     from keras_sequencer.plots import plot_confusion_matrix, plot_history_csv
     from keras_sequencer.training import augmentation, classification_loss, create_optimizer
 
@@ -214,7 +213,7 @@ def finetune(
         raise FinetuneError(f"unknown variant {variant!r}")
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    min_size = int(np.prod(MODEL_CONFIGS[variant]["arch"]["patch_sizes"]))
+    min_size = minimum_input_size(MODEL_CONFIGS[variant]["arch"]["patch_sizes"])
     if min(image_size) < min_size and not str(weights).endswith(".keras"):
         raise FinetuneError(
             f"image size {image_size[0]}x{image_size[1]} is too small for {variant}: "
@@ -236,7 +235,6 @@ def finetune(
     if unreadable:
         shown = ", ".join(os.path.relpath(p, data_dir) for p in unreadable[:5])
         more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
-        warnings.warn(f"skipped {len(unreadable)} unreadable or unsupported files: {shown}{more}", stacklevel=2)
         print(f"warning: skipped {len(unreadable)} unreadable files ({shown}{more})", file=sys.stderr)
     if resume:
         with open(os.path.join(output_dir, CLASSES)) as f:

@@ -55,6 +55,14 @@ for _name, _cfg in MODEL_CONFIGS.items():
     _cfg.setdefault("weights_variant", None)
 
 
+def minimum_input_size(patch_sizes):
+    """The smallest input side a stack of patch embeddings (stride = kernel) accepts."""
+    size = 1
+    for patch in patch_sizes:
+        size *= patch
+    return size
+
+
 def list_models():
     """Names of every Sequencer variant the authors define."""
     return sorted(MODEL_CONFIGS)
@@ -167,9 +175,7 @@ def Sequencer2D(
                 'If using `weights="imagenet"` with `include_top=True`, '
                 f"`classes` should be 1000. Received classes={classes}"
             )
-    min_size = 1
-    for p in patch_sizes:
-        min_size *= p
+    min_size = minimum_input_size(patch_sizes)
     input_shape = _resolve_input_shape(
         input_shape, input_tensor, default_size, min_size, weights
     )
