@@ -10,6 +10,7 @@ import os
 
 import keras
 
+from keras_sequencer.layers import BiLSTM2D
 from keras_sequencer.imagenet import normalization_layer
 from keras_sequencer.weights import save_atomically
 
@@ -120,17 +121,22 @@ def _has_layer(model, name):
 def portable_recurrences(model):
     """Traces the generic recurrent loop instead of cuDNN's: Keras' TensorFlow
     backend picks cuDNN at trace time whenever a GPU is visible, and a graph with
-    CudnnRNN ops fails on CPU servers and in the TFLite converter."""
+    CudnnRNN ops fails on CPU servers and in the TFLite converter. The BiLSTM2D
+    layers trace the Keras route for the same reason."""
     changed = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if getattr(layer, "use_cudnn", None) not in (None, False):
-            changed.append((layer, layer.use_cudnn))
+            changed.append((layer, "use_cudnn", layer.use_cudnn))
             layer.use_cudnn = False
+        if isinstance(layer, BiLSTM2D) and layer.route != "keras":
+            # The exporters know Keras' loops, not ATen's fused RNN calls.
+            changed.append((layer, "route", layer.route))
+            layer.route = "keras"
     try:
         yield
     finally:
-        for layer, value in changed:
-            layer.use_cudnn = value
+        for layer, attribute, value in changed:
+            setattr(layer, attribute, value)
 
 
 def export(

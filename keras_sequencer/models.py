@@ -5,7 +5,7 @@ import os
 import keras
 
 from keras_sequencer.imagenet import normalization_layer
-from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock
+from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock, select_route
 
 _S = dict(
     layers=(4, 3, 8, 3),
@@ -140,6 +140,7 @@ def Sequencer2D(
     name="sequencer2d",
     default_size=224,
     weights_variant=None,
+    rnn_route="auto",
 ):
     """Builds a Sequencer2D model from the reference configuration.
 
@@ -147,6 +148,8 @@ def Sequencer2D(
     patch size, width, LSTM hidden size and MLP ratio per stage). The rest
     follow `keras.applications` (see `Sequencer2DS`). `weights_variant`
     names the registry entry whose ImageNet weights `weights="imagenet"` loads.
+    `rnn_route` picks how every BiLSTM2D runs ("auto", "keras" or "fused"; see
+    `layers.select_route`); one layer's `route` can be set after building.
     """
     arch_lists = (layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios)
     if len({len(a) for a in arch_lists}) != 1:
@@ -158,6 +161,7 @@ def Sequencer2D(
         raise ValueError(f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}.")
     if union not in UNIONS:
         raise ValueError("Unrecognized union: " + str(union))
+    select_route(rnn_route)
     if pooling not in (None, "avg", "max"):
         raise ValueError(
             "`pooling` must be one of None, 'avg' or 'max'. "
@@ -224,6 +228,7 @@ def Sequencer2D(
                 with_fc=with_fc,
                 drop_rate=drop_rate,
                 drop_path_rate=rates[block_index],
+                rnn_route=rnn_route,
                 name=f"stages_{stage}_blocks_{block}",
             )(x)
             block_index += 1
@@ -271,11 +276,13 @@ def _builder(variant, model_name):
         name=model_name,
         drop_rate=0.0,
         drop_path_rate=0.0,
+        rnn_route="auto",
     ):
         return Sequencer2D(
             **arch,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
+            rnn_route=rnn_route,
             include_top=include_top,
             include_preprocessing=include_preprocessing,
             weights=weights,
@@ -311,6 +318,9 @@ BUILDER_DOC = """Instantiates the {variant} architecture (Tatsunami & Taki, Neur
         name: the model name.
         drop_rate: dropout in the MLPs and before the head.
         drop_path_rate: stochastic depth rate of the last block (linear schedule).
+        rnn_route: how the BiLSTM2D layers run: "auto" (default), "keras" (Keras'
+            own loops; cuDNN on GPU) or "fused" (PyTorch's fused kernels, torch
+            backend only). Same weights and results either way.
 
     Returns:
         A `keras.Model`.

@@ -1,5 +1,6 @@
 """Logit parity with timm (random weights, non-zero head) through our converter."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -75,11 +76,20 @@ def test_feature_map_without_top(reference_s, rng):
     assert np.abs(got - expected).max() <= TOLERANCE
 
 
+# "auto" is the fused route on torch (CPU); "keras" keeps Keras' own loop covered there.
+ROUTES = ["auto", "keras"] if keras.backend.backend() == "torch" else ["auto"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name", ABLATIONS)
-def test_every_variant_at_small_size(name, rng):
+def test_every_variant_at_small_size(name, route, rng):
     reference = make_reference(name, seed=1)
     model = ks.create_model(
-        name, include_preprocessing=False, input_shape=(56, 42, 3), classifier_activation=None
+        name,
+        include_preprocessing=False,
+        input_shape=(56, 42, 3),
+        classifier_activation=None,
+        rnn_route=route,
     )
     ks.load_torch_state_dict(model, reference.state_dict())
     x = normalize(_images(rng, 2, 56, 42))

@@ -1,0 +1,114 @@
+"""BiLSTM2D's routes: which loop runs, and that every route computes the same
+outputs and gradients from the same variables."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sequencer as ks
+from keras_sequencer.exporters import portable_recurrences
+
+BACKEND = keras.backend.backend()
+TOLERANCE = 1e-5
+
+
+def _expected_auto_route():
+    if BACKEND != "torch":
+        return "keras"
+    import torch
+
+    return "keras" if torch.cuda.is_available() else "fused"
+
+
+def test_auto_route_is_selected_and_visible_in_the_config():
+    layer = ks.BiLSTM2D(4)
+    assert layer.route == "auto" and layer.get_config()["route"] == "auto"
+    assert layer.selected_route == _expected_auto_route()
+    forced = ks.BiLSTM2D.from_config({**layer.get_config(), "route": "keras"})
+    assert forced.selected_route == "keras" and forced.get_config()["route"] == "keras"
+    block = ks.Sequencer2DBlock(4, rnn_route="keras")
+    assert block.get_config()["rnn_route"] == "keras"
+    assert ks.Sequencer2DBlock.from_config(block.get_config()).rnn_tokens.selected_route == "keras"
+
+
+def test_route_errors():
+    with pytest.raises(ValueError, match="Unrecognized route: 'cudnn'"):
+        ks.BiLSTM2D(4, route="cudnn")
+    with pytest.raises(ValueError, match="Unrecognized route"):
+        ks.Sequencer2DS(weights=None, rnn_route="fast")
+    if BACKEND != "torch":
+        with pytest.raises(ValueError, match="needs the torch backend"):
+            ks.BiLSTM2D(4, route="fused")
+    layer = ks.BiLSTM2D(4)
+    with pytest.raises(ValueError, match="Unrecognized route"):
+        layer.route = "nope"
+    assert layer.route == "auto"  # a rejected override leaves the layer as it was
+
+
+def test_route_overridden_per_layer_and_restored_around_export():
+    model = ks.Sequencer2D(
+        layers=[1, 1], patch_sizes=[4, 2], embed_dims=[8, 16], hidden_sizes=[4, 8],
+        mlp_ratios=[2, 2], input_shape=(16, 16, 3), rnn_route="keras",
+    )
+    blocks = [layer for layer in model.layers if isinstance(layer, ks.Sequencer2DBlock)]
+    assert [b.rnn_tokens.selected_route for b in blocks] == ["keras", "keras"]
+    blocks[1].rnn_tokens.route = "auto"
+    assert blocks[1].rnn_tokens.selected_route == _expected_auto_route()
+    assert blocks[1].get_config()["rnn_route"] == "auto"
+    with portable_recurrences(model):
+        assert [b.rnn_tokens.selected_route for b in blocks] == ["keras", "keras"]
+    assert [b.rnn_tokens.route for b in blocks] == ["keras", "auto"]
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the fused route runs on the torch backend")
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rnn_type="lstm"),
+        dict(rnn_type="lstm", bidirectional=False, union="add"),
+        dict(rnn_type="gru"),
+        dict(rnn_type="gru", bidirectional=False, union="vertical"),
+        dict(rnn_type="rnn", union="horizontal"),
+        dict(rnn_type="rnn", bidirectional=False),
+    ],
+)
+def test_fused_route_matches_keras_route_with_gradients(kwargs, rng):
+    import torch
+
+    layer = ks.BiLSTM2D(6, **kwargs)
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")  # not square: H and W differ
+    layer.build(x.shape)
+    for variable in layer.trainable_variables:  # non-zero biases, both GRU bias rows
+        variable.assign(rng.normal(scale=0.4, size=variable.shape).astype("float32"))
+    weights = torch.from_numpy(rng.normal(size=(2, 5, 7, 10)).astype("float32"))
+
+    results = {}
+    for route in ("fused", "keras"):
+        layer.route = route
+        inputs = torch.from_numpy(x).requires_grad_(True)
+        outputs = layer(inputs)
+        variables = [v.value for v in layer.trainable_variables]
+        grads = torch.autograd.grad((outputs * weights).sum(), [inputs] + variables)
+        results[route] = [outputs.detach().numpy()] + [g.numpy() for g in grads]
+    names = ["outputs", "d inputs"] + [v.path for v in layer.trainable_variables]
+    for name, fused, reference in zip(names, results["fused"], results["keras"]):
+        assert np.abs(reference).max() > 1e-3, name  # the gradient really flows
+        diff = np.abs(fused - reference).max()
+        assert diff <= TOLERANCE, (name, diff)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the fused route runs on the torch backend")
+def test_fused_route_trains_a_model(rng):
+    model = ks.Sequencer2D(
+        layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
+        input_shape=(8, 8, 3), include_preprocessing=False, classes=3,
+    )
+    assert model.get_layer("stages_0_blocks_0").rnn_tokens.selected_route == "fused"
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 32), 3)
+    kernel = model.get_layer("stages_0_blocks_0").rnn_tokens.rnn_v.forward_layer.cell.kernel
+    before = keras.ops.convert_to_numpy(kernel).copy()
+    history = model.fit(x, y, epochs=8, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert np.abs(keras.ops.convert_to_numpy(kernel) - before).max() > 0  # the LSTM learned
