@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# GPU benchmark, run once on a lent GPU machine (torch, JAX and timm installed; no
-# TensorFlow). Carry a keras wheel in benchmarks/wheels/ (pip download keras --no-deps
-# -d benchmarks/wheels) since the machine has no network.
-#   bash benchmarks/gpu.sh            -> $OUT/gpu.json (or benchmarks/results/gpu.json)
-set -euo pipefail
+# GPU parity and throughput, run once on a lent GPU machine (torch, JAX and timm
+# installed; no TensorFlow, no network). Carry keras and its pure-Python/binary
+# dependencies as wheels, downloaded here first (not committed):
+#   pip download keras==3.15.1 -d benchmarks/wheels --only-binary=:all: \
+#       --platform manylinux_2_28_x86_64 --python-version 3.12   # per Python version
+#   bash benchmarks/gpu.sh            -> $OUT/ (or benchmarks/results/)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
-python -c "import keras" 2>/dev/null || pip install --no-index --no-deps benchmarks/wheels/keras-*.whl
+# --no-deps with the list: numpy and ml_dtypes come with the image's torch/JAX.
+KERAS_BACKEND=torch python -c "import keras" 2>/dev/null ||
+    python -m pip install -q --no-index --no-deps --find-links benchmarks/wheels keras==3.15.1 \
+        absl-py h5py namex optree rich markdown-it-py mdurl pygments 2>&1 | tail -3
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu_device.txt"
-# Parity on the GPU: Keras (cuDNN LSTM) vs timm with random weights, both backends.
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  KERAS_BACKEND=torch python -c "import sys, torch, jax, timm, keras; print(sys.version.split()[0], 'torch', torch.__version__, 'jax', jax.__version__, 'timm', timm.__version__, 'keras', keras.__version__, jax.devices())"
+} 2>&1 | tee "$OUT_DIR/gpu_device.txt"
+# Parity: Keras on the GPU (every route) vs timm fp32; bf16 vs fp32; route gradients.
 for backend in torch jax; do
-    KERAS_BACKEND=$backend python benchmarks/gpu_bench.py parity | tee -a "$OUT_DIR/gpu_parity.txt"
+    KERAS_BACKEND=$backend timeout 120 python benchmarks/gpu_bench.py parity 2>&1 |
+        grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$OUT_DIR/gpu_parity.txt"
 done
-# Throughput at batch 64 and 256, fp32 and bf16; timm with AMP for bf16.
-python benchmarks/gpu_bench.py throughput --out "$OUT_DIR/gpu.json"
+# Throughput at batch 64 and 256, fp32 and bf16 (timm with autocast for bf16).
+timeout "${THROUGHPUT_TIMEOUT:-290}" python benchmarks/gpu_bench.py throughput --out "$OUT_DIR/gpu.json" 2>&1 |
+    grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT_DIR/gpu_throughput.txt"

@@ -1,7 +1,11 @@
-"""GPU throughput and parity for benchmarks/gpu.sh (torch and JAX backends vs timm).
+"""GPU parity and throughput for benchmarks/gpu.sh: Keras' torch and JAX backends
+against timm, on one lent GPU (the device image has torch, JAX and timm; no
+TensorFlow).
 
-    python benchmarks/gpu_bench.py parity         # with KERAS_BACKEND set
+    KERAS_BACKEND=torch python benchmarks/gpu_bench.py parity
     python benchmarks/gpu_bench.py throughput --out gpu.json
+
+Also runs on a CPU-only machine (small sizes) as a smoke test of the script.
 """
 
 import argparse
@@ -14,111 +18,234 @@ import time
 
 VARIANT = "sequencer2d_s"
 SIZE = 224
+HERE = os.path.dirname(os.path.abspath(__file__))
+# engine name -> (KERAS_BACKEND, BiLSTM2D route); "timm" is the reference.
+ENGINES = {
+    "timm": (None, None),
+    "keras-torch-fused": ("torch", "fused"),  # ATen/cuDNN bidirectional call per axis
+    "keras-torch": ("torch", "keras"),  # Keras' loop: cuDNN per direction on GPU
+    "keras-jax": ("jax", "keras"),  # lax.scan (Keras has no cuDNN LSTM on JAX)
+}
 
 
-def parity():
-    import torch  # noqa: F401  (before keras, as everywhere here)
-    import timm
+def _images(batch, size, seed=0):
     import numpy as np
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    return np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+
+
+def _top1_agreement(a, b):
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def parity(size, batch):
+    """Keras on the GPU vs timm on the CPU (fp32), every route of this backend;
+    then bf16 against fp32, for Keras and for timm's autocast."""
+    import numpy as np
+    import timm
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
     import keras
 
     import keras_sequencer as ks
     from reference import make_reference, normalize, reference_logits
 
-    reference = make_reference(VARIANT)  # on the CPU; Keras runs on the GPU
-    model = ks.create_model(VARIANT, input_shape=(SIZE, SIZE, 3), classifier_activation=None)
-    ks.load_torch_state_dict(model, {k: v.cpu() for k, v in reference.state_dict().items()})
-    images = np.random.default_rng(0).uniform(0, 255, (8, SIZE, SIZE, 3)).astype("float32")
+    backend = keras.backend.backend()
+    reference = make_reference(VARIANT)
+    state = {k: v.cpu() for k, v in reference.state_dict().items()}
+    images = _images(batch, size)
     want = reference_logits(reference, normalize(images))
-    got = np.asarray(model.predict(images, verbose=0))
-    print(json.dumps({"backend": keras.backend.backend(), "timm": timm.__version__,
-                      "max_abs_logit_diff": float(np.abs(got - want).max())}))
+
+    def logits(route, policy="float32"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = ks.create_model(
+                VARIANT, input_shape=(size, size, 3), classifier_activation=None, rnn_route=route
+            )
+            ks.load_torch_state_dict(model, state)
+            return np.asarray(model.predict(images, verbose=0, batch_size=batch), dtype="float32")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    def full_fp32(enabled):
+        """TF32 off (or back on): cuDNN RNNs and convolutions use TF32 by default
+        on Ampere and newer, in torch and in JAX."""
+        if backend == "torch":
+            torch.backends.cudnn.allow_tf32 = not enabled
+        else:
+            import jax
+
+            jax.config.update("jax_default_matmul_precision", "highest" if enabled else None)
+
+    routes = ["keras", "fused"] if backend == "torch" else ["keras"]
+    for route in routes:
+        got = logits(route)
+        print(json.dumps({"backend": backend, "route": route, "dtype": "fp32 (TF32 allowed, default)",
+                          "vs": "timm fp32 on CPU", "max_abs_logit_diff": float(np.abs(got - want).max()),
+                          "logit_std": float(want.std())}), flush=True)
+        full_fp32(True)
+        exact = logits(route)
+        full_fp32(False)
+        print(json.dumps({"backend": backend, "route": route, "dtype": "fp32 (TF32 off)",
+                          "vs": "timm fp32 on CPU", "max_abs_logit_diff": float(np.abs(exact - want).max())}),
+              flush=True)
+        try:
+            bf16 = logits(route, "mixed_bfloat16")
+            print(json.dumps({"backend": backend, "route": route, "dtype": "bf16", "vs": "keras fp32 (TF32 off)",
+                              "max_abs_logit_diff": float(np.abs(bf16 - exact).max()),
+                              "top1_agreement": _top1_agreement(bf16, exact)}), flush=True)
+        except Exception as error:  # noqa: BLE001  (recorded, the run goes on)
+            print(json.dumps({"backend": backend, "route": route, "dtype": "bf16",
+                              "error": f"{type(error).__name__}: {str(error)[:300]}"}), flush=True)
+    if backend == "torch":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = reference.to(device)
+        x = torch.from_numpy(normalize(images).transpose(0, 3, 1, 2).copy()).to(device)
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16):
+            amp = model(x).float().cpu().numpy()
+        print(json.dumps({"engine": "timm", "dtype": "bf16 autocast", "vs": "timm fp32",
+                          "max_abs_logit_diff": float(np.abs(amp - want).max()),
+                          "top1_agreement": _top1_agreement(amp, want)}), flush=True)
+        route_gradients(device)
 
 
-def worker(engine, batch, dtype, seconds):
+def route_gradients(device):
+    """BiLSTM2D's fused and Keras routes on this device: outputs and gradients."""
+    import numpy as np
+    import torch
+
+    import keras_sequencer as ks
+
+    rng = np.random.default_rng(0)
+    layer = ks.BiLSTM2D(96)
+    x = rng.normal(size=(4, 14, 14, 384)).astype("float32")
+    layer.build(x.shape)
+    for variable in layer.trainable_variables:
+        variable.assign(rng.normal(scale=0.1, size=variable.shape).astype("float32"))
+    weights = torch.from_numpy(rng.normal(size=x.shape).astype("float32")).to(device)
+    results = {}
+    for route in ("fused", "keras"):
+        layer.route = route
+        inputs = torch.from_numpy(x).to(device).requires_grad_(True)
+        out = layer(inputs)
+        grads = torch.autograd.grad((out * weights).sum(), [inputs] + [v.value for v in layer.trainable_variables])
+        results[route] = [out.detach()] + list(grads)
+    # Relative to each tensor's largest entry: weight gradients sum over 784 positions.
+    diffs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(results["fused"], results["keras"])]
+    print(json.dumps({"device": device, "bilstm2d_fused_vs_keras_rel_diff_output": diffs[0],
+                      "max_rel_diff_gradients": max(diffs[1:])}), flush=True)
+
+
+def worker(engine, size, batches, seconds):
+    """Times every (batch, dtype) for one engine in this process; one JSON line each."""
     import numpy as np
 
-    images = np.random.default_rng(0).uniform(0, 255, (batch, SIZE, SIZE, 3)).astype("float32")
-    if engine == "timm":
+    backend, route = ENGINES[engine]
+    if backend is None:
         import timm
         import torch
 
-        model = timm.create_model(VARIANT).cuda().eval()
-        x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).cuda()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = timm.create_model(VARIANT).to(device).eval()
 
-        def step():
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=dtype == "bf16"):
-                model(x)
-            torch.cuda.synchronize()
+        def make_step(images, dtype):
+            x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+
+            def step():
+                with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=dtype == "bf16"):
+                    model(x)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
+            return step
 
     else:
-        os.environ["KERAS_BACKEND"] = engine
+        os.environ["KERAS_BACKEND"] = backend
         import keras
 
-        if dtype == "bf16":
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
         import keras_sequencer as ks
 
-        model = ks.create_model(VARIANT, input_shape=(SIZE, SIZE, 3))
-        if engine == "jax":
-            import jax
+        def make_step(images, dtype):
+            keras.mixed_precision.set_global_policy("mixed_bfloat16" if dtype == "bf16" else "float32")
+            model = ks.create_model(VARIANT, input_shape=(size, size, 3), rnn_route=route)
+            keras.mixed_precision.set_global_policy("float32")
+            if backend == "jax":
+                import jax
 
-            step = lambda: jax.block_until_ready(model.predict_on_batch(images))  # noqa: E731
-        else:
+                return lambda: jax.block_until_ready(model.predict_on_batch(images))
             import torch
 
-            x = torch.from_numpy(images).cuda()
+            x = torch.from_numpy(images).to("cuda" if torch.cuda.is_available() else "cpu")
 
             def step():
                 with torch.inference_mode():
                     model(x, training=False)
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
 
-    for _ in range(3):
-        step()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        begin = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - begin)
-    print(json.dumps({"img_s": batch / statistics.median(times)}))
+            return step
 
-
-def throughput(out):
-    results = []
-    for batch in (64, 256):
+    for batch in batches:
         for dtype in ("fp32", "bf16"):
-            row = {}
-            for engine in ("timm", "torch", "jax"):
-                proc = subprocess.run([sys.executable, __file__, "worker", engine, str(batch), dtype],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    row[engine] = {"error": proc.stderr.strip().splitlines()[-1:]}
-                    continue
-                row[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-            for engine, value in row.items():
-                ratio = None
-                if "img_s" in value and "img_s" in row.get("timm", {}):
-                    ratio = value["img_s"] / row["timm"]["img_s"]
-                results.append(dict(batch=batch, dtype=dtype, engine=engine, ratio_to_timm=ratio, **value))
+            row = {"engine": engine, "batch": batch, "dtype": dtype}
+            try:
+                step = make_step(_images(batch, size), dtype)
+                begin = time.perf_counter()
+                step()
+                row["first_call_s"] = time.perf_counter() - begin
+                step()
+                times = []
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds or len(times) < 3:
+                    begin = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - begin)
+                row.update(img_s=batch / statistics.median(times), runs=len(times))
+            except Exception as error:  # noqa: BLE001  (recorded, the run goes on)
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(json.dumps(row), flush=True)
+
+
+def throughput(out, size, batches, seconds, engines):
+    results = []
+
+    def save():  # after every row: a timeout keeps what ran
+        timm = {(r["batch"], r["dtype"]): r.get("img_s") for r in results if r.get("engine") == "timm"}
+        for row in results:
+            base = timm.get((row.get("batch"), row.get("dtype")))
+            row["ratio_to_timm"] = row["img_s"] / base if base and "img_s" in row else None
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+    for engine in engines:
+        command = [sys.executable, __file__, "worker", "--engine", engine, "--size", str(size),
+                   "--seconds", str(seconds), "--batches", *map(str, batches)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("{"):
+                results.append(json.loads(line))
+                save()
                 print(json.dumps(results[-1]), flush=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+        if proc.wait() != 0:
+            results.append({"engine": engine, "error": proc.stderr.read().strip().splitlines()[-3:]})
+            save()
+            print(json.dumps(results[-1]), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["parity", "throughput", "worker"])
-    parser.add_argument("args", nargs="*")
-    parser.add_argument("--out", default="gpu.json")
-    parsed = parser.parse_args()
-    if parsed.mode == "parity":
-        parity()
-    elif parsed.mode == "throughput":
-        throughput(parsed.out)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "gpu.json"))
+    parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--engine", choices=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    args = parser.parse_args()
+    if args.mode == "parity":
+        parity(args.size, batch=8)
+    elif args.mode == "throughput":
+        throughput(args.out, args.size, args.batches, args.seconds, args.engines)
     else:
-        engine, batch, dtype = parsed.args
-        worker(engine, int(batch), dtype, seconds=5.0)
+        worker(args.engine, args.size, args.batches, args.seconds)

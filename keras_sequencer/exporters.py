@@ -10,7 +10,7 @@ import os
 
 import keras
 
-from keras_sequencer.layers import BiLSTM2D
+from keras_sequencer.layers import BiLSTM2D, cudnn_disabled
 from keras_sequencer.imagenet import normalization_layer
 from keras_sequencer.weights import save_atomically
 
@@ -123,20 +123,17 @@ def portable_recurrences(model):
     backend picks cuDNN at trace time whenever a GPU is visible, and a graph with
     CudnnRNN ops fails on CPU servers and in the TFLite converter. The BiLSTM2D
     layers trace the Keras route for the same reason."""
-    changed = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        if getattr(layer, "use_cudnn", None) not in (None, False):
-            changed.append((layer, "use_cudnn", layer.use_cudnn))
-            layer.use_cudnn = False
-        if isinstance(layer, BiLSTM2D) and layer.route != "keras":
-            # The exporters know Keras' loops, not ATen's fused RNN calls.
-            changed.append((layer, "route", layer.route))
-            layer.route = "keras"
+    every_layer = list(model._flatten_layers(include_self=True, recursive=True))
+    # The exporters know Keras' loops, not ATen's fused RNN calls.
+    routed = [(layer, layer.route) for layer in every_layer if isinstance(layer, BiLSTM2D)]
+    for layer, _ in routed:
+        layer.route = "keras"
     try:
-        yield
+        with cudnn_disabled(every_layer):
+            yield
     finally:
-        for layer, attribute, value in changed:
-            setattr(layer, attribute, value)
+        for layer, route in routed:
+            layer.route = route
 
 
 def export(

@@ -1,6 +1,7 @@
 """Sequencer2D building blocks as Keras 3 layers (channels-last everywhere)."""
 
 import contextlib
+import warnings
 
 import keras
 from keras import layers, ops
@@ -15,7 +16,7 @@ def _serializable(cls):
     return keras.saving.register_keras_serializable(package="keras_sequencer")(cls)
 
 
-def make_recurrent_layer(rnn_type, hidden_size, name):
+def make_recurrent_layer(rnn_type, hidden_size, name, dtype=None):
     """One direction of a 2D RNN, with every argument the fused cuDNN kernel needs."""
     common = dict(
         return_sequences=True,
@@ -24,6 +25,7 @@ def make_recurrent_layer(rnn_type, hidden_size, name):
         dropout=0.0,
         recurrent_dropout=0.0,
         name=name,
+        dtype=dtype,
     )
     if rnn_type == "lstm":
         return layers.LSTM(
@@ -41,6 +43,19 @@ def make_recurrent_layer(rnn_type, hidden_size, name):
     if rnn_type == "rnn":
         return layers.SimpleRNN(hidden_size, activation="tanh", **common)
     raise ValueError(f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}.")
+
+
+@contextlib.contextmanager
+def cudnn_disabled(recurrent_layers):
+    """Runs these LSTM/GRU layers with Keras' generic loop instead of cuDNN."""
+    saved = [(layer, layer.use_cudnn) for layer in recurrent_layers if hasattr(layer, "use_cudnn")]
+    for layer, _ in saved:
+        layer.use_cudnn = False
+    try:
+        yield
+    finally:
+        for layer, value in saved:
+            layer.use_cudnn = value
 
 
 @contextlib.contextmanager
@@ -102,8 +117,9 @@ def _torch_rnn_params(cell, rnn_type, dtype):
     The variables themselves stay the only copy, so gradients reach them."""
     import torch
 
-    kernel = ops.cast(cell.kernel, dtype).T
-    recurrent = ops.cast(cell.recurrent_kernel, dtype).T
+    # Contiguous: cuDNN views the weights flat (a transposed view fails there).
+    kernel = ops.cast(cell.kernel, dtype).T.contiguous()
+    recurrent = ops.cast(cell.recurrent_kernel, dtype).T.contiguous()
     bias = ops.cast(cell.bias, dtype)
     if rnn_type == "gru":
         units = cell.units
@@ -134,6 +150,9 @@ def torch_fused_rnn(rnn, rnn_type, sequences):
         len(directions), sequences.shape[0], units, dtype=sequences.dtype, device=sequences.device
     )
     args = (params, True, 1, 0.0, torch.is_grad_enabled(), len(directions) == 2, True)
+    # cuDNN copies the per-direction weights into one buffer on every call and
+    # warns each time; the copy is small next to the activations.
+    warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
     if rnn_type == "lstm":
         return torch._VF.lstm(sequences, (h0, h0), *args)[0]
     if rnn_type == "gru":
@@ -241,10 +260,17 @@ class BiLSTM2D(layers.Layer):
     def _run(self, rnn, sequences):
         if self.selected_route == "fused":
             return torch_fused_rnn(rnn, self.rnn_type, sequences)
+        if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(sequences.dtype) != "float32":
+            # JAX's cuDNN RNN (jax.experimental.rnn) fails to lower bfloat16
+            # ("Unknown output type bfloat16", measured on an H200).
+            with cudnn_disabled(self.recurrent_layers()):
+                return rnn(sequences)
         return rnn(sequences)
 
     def _make_rnn(self, name):
-        rnn = make_recurrent_layer(self.rnn_type, self.hidden_size, name=f"{name}_forward")
+        rnn = make_recurrent_layer(
+            self.rnn_type, self.hidden_size, name=f"{name}_forward", dtype=self.dtype_policy
+        )
         if not self.bidirectional:
             return rnn
         with _outside_object_sharing_scope():

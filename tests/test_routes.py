@@ -112,3 +112,23 @@ def test_fused_route_trains_a_model(rng):
     history = model.fit(x, y, epochs=8, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert np.abs(keras.ops.convert_to_numpy(kernel) - before).max() > 0  # the LSTM learned
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's cuDNN RNN is the one without bfloat16")
+def test_bfloat16_on_jax_keeps_off_the_cudnn_kernel(rng):
+    from unittest import mock
+
+    import jax
+
+    x = rng.normal(size=(2, 4, 5, 8)).astype("float32")
+    layer = ks.BiLSTM2D(4, dtype="mixed_bfloat16")
+    expected = np.asarray(jax.jit(layer)(x), dtype="float32")
+    # As if on a GPU: Keras would now hand bfloat16 to jax.experimental.rnn.
+    with mock.patch("keras.src.backend.jax.rnn._is_gpu_available", return_value=True):
+        plain = keras.layers.LSTM(4, return_sequences=True, dtype="mixed_bfloat16")
+        with pytest.raises(Exception):
+            jax.jit(plain)(x[:, 0])  # the control: Keras' LSTM goes to cuDNN
+        got = jax.jit(layer)(x)
+    assert got.dtype == "bfloat16"
+    np.testing.assert_array_equal(np.asarray(got, dtype="float32"), expected)
+    assert all(rnn.use_cudnn == "auto" for rnn in layer.recurrent_layers())  # restored
