@@ -152,16 +152,23 @@ def train_worker(engine, variant, batch, size, min_seconds):
 
 
 def train_step(args, variant):
-    workers = {
-        engine: throughput.start_worker(
-            [__file__, "--train-worker", engine, "--variants", variant, "--size", str(args.size),
-             "--min-seconds", str(args.min_seconds)],
-            engine,
-        )
-        for engine in args.engines
-    }
-    samples = throughput.alternate_rounds(workers, args.rounds, "step_s")
-    return _summarise("train_step_s", variant, samples, lower_is_better=True, batch=16)
+    # timm and one Keras engine at a time: four training processes at once (each
+    # keeping ~1,400 recurrent steps of activations) were killed for memory here.
+    rows = []
+    for engine in [e for e in args.engines if e != "timm"]:
+        workers = {
+            name: throughput.start_worker(
+                [__file__, "--train-worker", name, "--variants", variant, "--size", str(args.size),
+                 "--min-seconds", str(args.min_seconds)],
+                name,
+            )
+            for name in ("timm", engine)
+        }
+        samples = throughput.alternate_rounds(workers, args.rounds, "step_s")
+        for row in _summarise("train_step_s", variant, samples, lower_is_better=True, batch=16):
+            row["paired_with"] = engine  # each ratio is to the timm of the same pair
+            rows.append(row)
+    return rows
 
 
 def _summarise(metric, variant, samples, lower_is_better, **extra):
@@ -180,7 +187,7 @@ def _summarise(metric, variant, samples, lower_is_better, **extra):
 def markdown(results):
     lines = ["| metric | variant | setting | engine | median | vs timm (>1 is better) |", "|---|---|---|---|---|---|"]
     for r in results:
-        setting = ", ".join(f"{k} {r[k]}" for k in ("batch", "size") if k in r)
+        setting = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("batch", "size", "paired_with") if k in r)
         ratio = f"{r['better_than_timm']:.2f}x" if r.get("better_than_timm") else "-"
         lines.append(f"| {r['metric']} | {r['variant']} | {setting} | {r['engine']} | {r['value']:.3g} | {ratio} |")
     return "\n".join(lines)

@@ -80,21 +80,28 @@ def _outside_object_sharing_scope():
             global_state.set_global_attribute(key, value)
 
 
-def select_route(route):
-    """Which loop a BiLSTM2D runs. "keras" is Keras' own Bidirectional(LSTM/GRU/
-    SimpleRNN) (cuDNN on a GPU). "fused" hands each axis to PyTorch's fused RNN
-    kernels (torch backend only), one bidirectional call per axis, as timm does.
-    "auto" takes "fused" on the torch backend without CUDA and "keras" elsewhere:
-    on CPU the fused kernels run a BiLSTM2D 1.5x (batch 16) to 3x (batch 1)
-    faster than Keras' step-by-step torch loop, while the Keras loops on
-    TensorFlow and JAX beat every fused form measured there (benchmarks/)."""
+def select_route(route, rnn_type="lstm"):
+    """Which loop a BiLSTM2D runs.
+
+    "keras": Keras' own Bidirectional(LSTM/GRU/SimpleRNN) loops (cuDNN on a GPU).
+    "fused": the backend's fused sequence kernel, one call per direction or axis:
+    PyTorch's RNN kernels on torch (every rnn_type, as timm runs them), and
+    TensorFlow's BlockLSTM on TensorFlow (LSTM only). JAX has none.
+    "auto": "fused" on torch without a GPU, else "keras". Measured on a 2-core
+    CPU (benchmarks/bilstm2d_layer.py, BENCHMARKS.md): fused runs one BiLSTM2D
+    1.5x (batch 16) to 3x (batch 1) faster on torch; on TensorFlow the whole
+    model ran 1.09x at batch 1 but 0.97x at batch 16, so TensorFlow keeps Keras'
+    loop (which XLA can also compile) unless asked.
+    """
     if route not in ROUTES:
         raise ValueError(f"Unrecognized route: {route!r}. Expected one of {ROUTES}.")
     backend = keras.backend.backend()
-    if route == "fused" and backend != "torch":
+    fused_available = backend == "torch" or (backend == "tensorflow" and rnn_type == "lstm")
+    if route == "fused" and not fused_available:
         raise ValueError(
-            "route='fused' calls PyTorch's fused RNN kernels and needs the torch "
-            f"backend (this is {backend!r}). Use 'auto' or 'keras'."
+            "route='fused' needs a fused recurrent kernel: the torch backend (any "
+            f"rnn_type) or TensorFlow (LSTM). This is {backend!r} with rnn_type="
+            f"{rnn_type!r}. Use 'auto' or 'keras'."
         )
     if route != "auto":
         return route
@@ -103,6 +110,54 @@ def select_route(route):
     import torch
 
     return "keras" if torch.cuda.is_available() else "fused"
+
+
+def _icfo(w, units):
+    # Keras' LSTM gates are (i, f, c, o); BlockLSTM's are (i, c, f, o).
+    return ops.concatenate(
+        [w[..., :units], w[..., 2 * units : 3 * units], w[..., units : 2 * units], w[..., 3 * units :]],
+        axis=-1,
+    )
+
+
+def tensorflow_fused_lstm(rnn, sequences):
+    """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences with
+    TensorFlow's BlockLSTM, one op per direction. Not BlockLSTMV2: it shares
+    Keras' gate order, but its registered gradient is wrong in TF 2.21 (measured:
+    outputs match, input gradients do not)."""
+    import tensorflow as tf
+
+    directions = (
+        [rnn.forward_layer, rnn.backward_layer]
+        if isinstance(rnn, layers.Bidirectional)
+        else [rnn]
+    )
+    dtype = sequences.dtype
+    time_major = tf.transpose(sequences, (1, 0, 2))
+    outputs = []
+    for direction in directions:
+        cell, units = direction.cell, direction.cell.units
+        reverse = direction.go_backwards
+        inputs = tf.reverse(time_major, [0]) if reverse else time_major
+        zeros = tf.zeros((tf.shape(inputs)[1], units), dtype)
+        no_peephole = tf.zeros((units,), dtype)
+        kernel = tf.concat([ops.cast(cell.kernel, dtype), ops.cast(cell.recurrent_kernel, dtype)], 0)
+        h = tf.raw_ops.BlockLSTM(
+            seq_len_max=tf.cast(tf.shape(inputs)[0], tf.int64),
+            x=inputs,
+            cs_prev=zeros,
+            h_prev=zeros,
+            w=_icfo(kernel, units),
+            wci=no_peephole,
+            wcf=no_peephole,
+            wco=no_peephole,
+            b=_icfo(ops.cast(cell.bias, dtype), units),
+            forget_bias=0.0,  # Keras keeps it in the bias
+            cell_clip=-1.0,  # no clipping
+            use_peephole=False,
+        ).h
+        outputs.append(tf.reverse(h, [0]) if reverse else h)
+    return tf.transpose(tf.concat(outputs, -1), (1, 0, 2))
 
 
 def _swap_first_two_gates(w, units):
@@ -228,15 +283,15 @@ class BiLSTM2D(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.route = route
         if rnn_type not in RNN_TYPES:
             raise ValueError(
                 f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}."
             )
+        self.rnn_type = rnn_type
+        self.route = route
         if union not in UNIONS:
             raise ValueError("Unrecognized union: " + str(union))
         self.hidden_size = int(hidden_size)
-        self.rnn_type = rnn_type
         self.bidirectional = bool(bidirectional)
         self.union = union
         self.with_fc = bool(with_fc)
@@ -254,12 +309,18 @@ class BiLSTM2D(layers.Layer):
     @route.setter
     def route(self, route):
         # Validated on assignment, so a per-layer override fails at once.
-        self.selected_route = select_route(route)
+        self.selected_route = select_route(route, self.rnn_type)
         self._route = route
+        # BlockLSTM has no XLA kernel.
+        self.supports_jit = not (self.selected_route == "fused" and keras.backend.backend() == "tensorflow")
 
     def _run(self, rnn, sequences):
         if self.selected_route == "fused":
-            return torch_fused_rnn(rnn, self.rnn_type, sequences)
+            if keras.backend.backend() == "torch":
+                return torch_fused_rnn(rnn, self.rnn_type, sequences)
+            if keras.backend.standardize_dtype(sequences.dtype) == "float32":
+                return tensorflow_fused_lstm(rnn, sequences)
+            # Mixed precision on TensorFlow: Keras' loop, which takes any dtype.
         if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(sequences.dtype) != "float32":
             # JAX's cuDNN RNN (jax.experimental.rnn) fails to lower bfloat16
             # ("Unknown output type bfloat16", measured on an H200).

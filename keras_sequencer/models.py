@@ -161,7 +161,7 @@ def Sequencer2D(
         raise ValueError(f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}.")
     if union not in UNIONS:
         raise ValueError("Unrecognized union: " + str(union))
-    select_route(rnn_route)
+    select_route(rnn_route, rnn_type)
     if pooling not in (None, "avg", "max"):
         raise ValueError(
             "`pooling` must be one of None, 'avg' or 'max'. "

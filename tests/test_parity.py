@@ -76,13 +76,16 @@ def test_feature_map_without_top(reference_s, rng):
     assert np.abs(got - expected).max() <= TOLERANCE
 
 
-# "auto" is the fused route on torch (CPU); "keras" keeps Keras' own loop covered there.
-ROUTES = ["auto", "keras"] if keras.backend.backend() == "torch" else ["auto"]
+# Every route this backend has: "auto" is "fused" on torch (CPU) and "keras" on
+# TensorFlow, where "fused" (BlockLSTM) is opt-in.
+ROUTES = {"torch": ["auto", "keras"], "tensorflow": ["auto", "fused"]}.get(keras.backend.backend(), ["auto"])
 
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_every_variant_at_small_size(name, route, rng):
+    if route == "fused" and keras.backend.backend() == "tensorflow" and name.startswith(("gru_", "rnn_")):
+        pytest.skip("TensorFlow's fused kernel is LSTM only")
     reference = make_reference(name, seed=1)
     model = ks.create_model(
         name,

@@ -20,6 +20,10 @@ def _expected_auto_route():
     return "keras" if torch.cuda.is_available() else "fused"
 
 
+def _has_fused(rnn_type):
+    return BACKEND == "torch" or (BACKEND == "tensorflow" and rnn_type == "lstm")
+
+
 def test_auto_route_is_selected_and_visible_in_the_config():
     layer = ks.BiLSTM2D(4)
     assert layer.route == "auto" and layer.get_config()["route"] == "auto"
@@ -36,9 +40,11 @@ def test_route_errors():
         ks.BiLSTM2D(4, route="cudnn")
     with pytest.raises(ValueError, match="Unrecognized route"):
         ks.Sequencer2DS(weights=None, rnn_route="fast")
-    if BACKEND != "torch":
-        with pytest.raises(ValueError, match="needs the torch backend"):
-            ks.BiLSTM2D(4, route="fused")
+    for rnn_type in ("lstm", "gru", "rnn"):
+        assert ks.BiLSTM2D(4, rnn_type=rnn_type).selected_route == _expected_auto_route()
+        if not _has_fused(rnn_type):
+            with pytest.raises(ValueError, match="route='fused' needs a fused recurrent kernel"):
+                ks.BiLSTM2D(4, rnn_type=rnn_type, route="fused")
     layer = ks.BiLSTM2D(4)
     with pytest.raises(ValueError, match="Unrecognized route"):
         layer.route = "nope"
@@ -60,36 +66,56 @@ def test_route_overridden_per_layer_and_restored_around_export():
     assert [b.rnn_tokens.route for b in blocks] == ["keras", "auto"]
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="the fused route runs on the torch backend")
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(rnn_type="lstm"),
-        dict(rnn_type="lstm", bidirectional=False, union="add"),
-        dict(rnn_type="gru"),
-        dict(rnn_type="gru", bidirectional=False, union="vertical"),
-        dict(rnn_type="rnn", union="horizontal"),
-        dict(rnn_type="rnn", bidirectional=False),
-    ],
-)
-def test_fused_route_matches_keras_route_with_gradients(kwargs, rng):
-    import torch
+def _outputs_and_gradients(layer, x, weights):
+    """The layer's output and the gradients of sum(output * weights) with respect
+    to the input and every trainable variable, as numpy."""
+    variables = layer.trainable_variables
+    if BACKEND == "torch":
+        import torch
 
+        inputs = torch.from_numpy(x).requires_grad_(True)
+        outputs = layer(inputs)
+        grads = torch.autograd.grad(
+            (outputs * torch.from_numpy(weights)).sum(), [inputs] + [v.value for v in variables]
+        )
+        return [outputs.detach().numpy()] + [g.numpy() for g in grads]
+    import tensorflow as tf
+
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = layer(inputs)
+        loss = tf.reduce_sum(outputs * weights)
+    grads = tape.gradient(loss, [inputs] + [v.value for v in variables])
+    return [outputs.numpy()] + [g.numpy() for g in grads]
+
+
+FUSED_CASES = [
+    dict(rnn_type="lstm"),
+    dict(rnn_type="lstm", bidirectional=False, union="add"),
+    dict(rnn_type="lstm", union="vertical"),
+    dict(rnn_type="gru"),
+    dict(rnn_type="gru", bidirectional=False, union="vertical"),
+    dict(rnn_type="rnn", union="horizontal"),
+    dict(rnn_type="rnn", bidirectional=False),
+]
+
+
+@pytest.mark.parametrize("kwargs", FUSED_CASES)
+def test_fused_route_matches_keras_route_with_gradients(kwargs, rng):
+    if not _has_fused(kwargs["rnn_type"]):
+        pytest.skip(f"no fused {kwargs['rnn_type']} kernel on {BACKEND}")
     layer = ks.BiLSTM2D(6, **kwargs)
     x = rng.normal(size=(2, 5, 7, 10)).astype("float32")  # not square: H and W differ
     layer.build(x.shape)
     for variable in layer.trainable_variables:  # non-zero biases, both GRU bias rows
         variable.assign(rng.normal(scale=0.4, size=variable.shape).astype("float32"))
-    weights = torch.from_numpy(rng.normal(size=(2, 5, 7, 10)).astype("float32"))
+    weights = rng.normal(size=(2, 5, 7, 10)).astype("float32")
 
     results = {}
     for route in ("fused", "keras"):
         layer.route = route
-        inputs = torch.from_numpy(x).requires_grad_(True)
-        outputs = layer(inputs)
-        variables = [v.value for v in layer.trainable_variables]
-        grads = torch.autograd.grad((outputs * weights).sum(), [inputs] + variables)
-        results[route] = [outputs.detach().numpy()] + [g.numpy() for g in grads]
+        results[route] = _outputs_and_gradients(layer, x, weights)
     names = ["outputs", "d inputs"] + [v.path for v in layer.trainable_variables]
     for name, fused, reference in zip(names, results["fused"], results["keras"]):
         assert np.abs(reference).max() > 1e-3, name  # the gradient really flows
@@ -97,11 +123,11 @@ def test_fused_route_matches_keras_route_with_gradients(kwargs, rng):
         assert diff <= TOLERANCE, (name, diff)
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="the fused route runs on the torch backend")
+@pytest.mark.skipif(BACKEND == "jax", reason="JAX has no fused route")
 def test_fused_route_trains_a_model(rng):
     model = ks.Sequencer2D(
         layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
-        input_shape=(8, 8, 3), include_preprocessing=False, classes=3,
+        input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
     )
     assert model.get_layer("stages_0_blocks_0").rnn_tokens.selected_route == "fused"
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
