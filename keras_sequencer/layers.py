@@ -112,6 +112,13 @@ def select_route(route, rnn_type="lstm"):
     return "keras" if torch.cuda.is_available() else "fused"
 
 
+def directions_of(rnn):
+    """An axis' recurrent layers: [forward, backward] of a Bidirectional, or [rnn]."""
+    if isinstance(rnn, layers.Bidirectional):
+        return [rnn.forward_layer, rnn.backward_layer]
+    return [rnn]
+
+
 def _icfo(w, units):
     # Keras' LSTM gates are (i, f, c, o); BlockLSTM's are (i, c, f, o).
     return ops.concatenate(
@@ -127,11 +134,7 @@ def tensorflow_fused_lstm(rnn, sequences):
     outputs match, input gradients do not)."""
     import tensorflow as tf
 
-    directions = (
-        [rnn.forward_layer, rnn.backward_layer]
-        if isinstance(rnn, layers.Bidirectional)
-        else [rnn]
-    )
+    directions = directions_of(rnn)
     dtype = sequences.dtype
     time_major = tf.transpose(sequences, (1, 0, 2))
     outputs = []
@@ -192,11 +195,7 @@ def torch_fused_rnn(rnn, rnn_type, sequences):
     (N, T, C) sequences with one call to ATen's fused RNN kernel."""
     import torch
 
-    directions = (
-        [rnn.forward_layer, rnn.backward_layer]
-        if isinstance(rnn, layers.Bidirectional)
-        else [rnn]
-    )
+    directions = directions_of(rnn)
     params = []
     for direction in directions:
         params += _torch_rnn_params(direction.cell, rnn_type, sequences.dtype)
@@ -390,15 +389,7 @@ class BiLSTM2D(layers.Layer):
 
     def recurrent_layers(self):
         """The LSTM/GRU/SimpleRNN layers, forward before backward, vertical first."""
-        found = []
-        for rnn in (self.rnn_v, self.rnn_h):
-            if rnn is None:
-                continue
-            if isinstance(rnn, layers.Bidirectional):
-                found += [rnn.forward_layer, rnn.backward_layer]
-            else:
-                found.append(rnn)
-        return found
+        return [d for rnn in (self.rnn_v, self.rnn_h) if rnn is not None for d in directions_of(rnn)]
 
     def get_config(self):
         return {
