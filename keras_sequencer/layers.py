@@ -11,6 +11,11 @@ UNIONS = ("cat", "add", "vertical", "horizontal")
 ROUTES = ("auto", "keras", "fused")
 LAYER_NORM_EPSILON = 1e-6
 
+# The fused torch route hands cuDNN per-direction weights; cuDNN copies them into
+# one buffer on every call (small next to the activations) and warns each time.
+# Set once here, not per call: filterwarnings resets the warning caches.
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+
 
 def _serializable(cls):
     return keras.saving.register_keras_serializable(package="keras_sequencer")(cls)
@@ -204,9 +209,6 @@ def torch_fused_rnn(rnn, rnn_type, sequences):
         len(directions), sequences.shape[0], units, dtype=sequences.dtype, device=sequences.device
     )
     args = (params, True, 1, 0.0, torch.is_grad_enabled(), len(directions) == 2, True)
-    # cuDNN copies the per-direction weights into one buffer on every call and
-    # warns each time; the copy is small next to the activations.
-    warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
     if rnn_type == "lstm":
         return torch._VF.lstm(sequences, (h0, h0), *args)[0]
     if rnn_type == "gru":
@@ -323,7 +325,7 @@ class BiLSTM2D(layers.Layer):
         if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(sequences.dtype) != "float32":
             # JAX's cuDNN RNN (jax.experimental.rnn) fails to lower bfloat16
             # ("Unknown output type bfloat16", measured on an H200).
-            with cudnn_disabled(self.recurrent_layers()):
+            with cudnn_disabled(directions_of(rnn)):
                 return rnn(sequences)
         return rnn(sequences)
 
