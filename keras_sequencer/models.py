@@ -216,6 +216,7 @@ def Sequencer2D(
             patch_sizes[stage],
             strides=patch_sizes[stage],
             padding="valid",
+            kernel_initializer="lecun_normal",  # timm's init for these convs
             name=conv_name,
         )(x)
         for block in range(depth):

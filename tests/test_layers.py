@@ -74,3 +74,45 @@ def test_block_config_round_trip(rng):
     clone.set_weights(block.get_weights())
     np.testing.assert_allclose(keras.ops.convert_to_numpy(clone(x)), y, atol=1e-6)
     assert clone.get_config()["drop_path_rate"] == 0.2
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru", "rnn"])
+def test_recurrent_weights_start_as_timms(rnn_type):
+    # timm (and torch.nn.LSTM) draw every RNN weight from U(-1/sqrt(h), 1/sqrt(h));
+    # PyTorch's two biases add up to Keras' one (GRU keeps both as two rows).
+    hidden = 512  # enough bias samples for a 15% bound to hold at > 5 sigma
+    limit = 1.0 / np.sqrt(hidden)
+    layer = ks.layers.make_recurrent_layer(rnn_type, hidden, name="rnn")
+    layer.build((None, None, 64))
+    cell = layer.cell
+    for weight in (cell.kernel, cell.recurrent_kernel):
+        w = keras.ops.convert_to_numpy(weight)
+        assert np.abs(w).max() <= limit
+        assert abs(w.std() / (limit / np.sqrt(3)) - 1) < 0.05
+    bias = keras.ops.convert_to_numpy(cell.bias)
+    if rnn_type == "gru":
+        assert bias.shape == (2, 3 * hidden) and np.abs(bias).max() <= limit
+        return
+    assert np.abs(bias).max() <= 2 * limit
+    assert abs(bias.std() / (limit * np.sqrt(2 / 3)) - 1) < 0.15  # sum of two uniforms
+    if rnn_type == "lstm":  # no Keras unit forget bias: the forget gate starts near 0
+        assert abs(bias[hidden : 2 * hidden].mean()) < limit / 2
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="TensorFlow is the backend here")
+def test_jax_and_torch_models_leave_tensorflow_unimported(tmp_path):
+    # Keras' serializer imports TensorFlow where installed (3 s of a cold start);
+    # building and running a model on another backend must not need it.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np, keras_sequencer as ks\n"
+        "m = ks.Sequencer2D(layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4],\n"
+        "                   mlp_ratios=[2.0], input_shape=(4, 4, 3), classes=3, weights=None)\n"
+        "m.predict(np.zeros((1, 4, 4, 3), 'float32'), verbose=0)\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env, timeout=300)

@@ -12,16 +12,20 @@ BACKEND = keras.backend.backend()
 TOLERANCE = 1e-5
 
 
-def _expected_auto_route():
-    if BACKEND != "torch":
-        return "keras"
-    import torch
-
-    return "keras" if torch.cuda.is_available() else "fused"
-
-
 def _has_fused(rnn_type):
     return BACKEND == "torch" or (BACKEND == "tensorflow" and rnn_type == "lstm")
+
+
+def _expected_auto_route(rnn_type="lstm"):
+    if not _has_fused(rnn_type):
+        return "keras"
+    if BACKEND == "torch":
+        import torch
+
+        return "keras" if torch.cuda.is_available() else "fused"
+    import tensorflow as tf
+
+    return "keras" if tf.config.list_physical_devices("GPU") else "fused"
 
 
 def test_auto_route_is_selected_and_visible_in_the_config():
@@ -41,7 +45,7 @@ def test_route_errors():
     with pytest.raises(ValueError, match="Unrecognized route"):
         ks.Sequencer2DS(weights=None, rnn_route="fast")
     for rnn_type in ("lstm", "gru", "rnn"):
-        assert ks.BiLSTM2D(4, rnn_type=rnn_type).selected_route == _expected_auto_route()
+        assert ks.BiLSTM2D(4, rnn_type=rnn_type).selected_route == _expected_auto_route(rnn_type)
         if not _has_fused(rnn_type):
             with pytest.raises(ValueError, match="route='fused' needs a fused recurrent kernel"):
                 ks.BiLSTM2D(4, rnn_type=rnn_type, route="fused")
