@@ -138,7 +138,7 @@ def build_model(variant, weights, num_classes, image_size, drop_path_rate, freez
     """The variant's backbone (ImageNet or given weights) with a new softmax head."""
     import keras
 
-    from keras_sequencer.models import create_model
+    from keras_sequencer.models import create_model, functional_model
 
     if weights is not None and str(weights).endswith(".keras"):
         # A saved Sequencer model (a checkpoint of an earlier fine-tune, say):
@@ -151,7 +151,7 @@ def build_model(variant, weights, num_classes, image_size, drop_path_rate, freez
         if model.output_shape[-1] != num_classes:
             if "head" not in [layer.name for layer in model.layers]:
                 raise FinetuneError(f"{weights} has no classification head to replace")
-            model = keras.Model(model.inputs, _new_head(model.get_layer("head").input, num_classes), name=model.name)
+            model = functional_model(model.inputs, _new_head(model.get_layer("head").input, num_classes), model.name)
     else:
         backbone = create_model(
             variant,
@@ -161,7 +161,7 @@ def build_model(variant, weights, num_classes, image_size, drop_path_rate, freez
             input_shape=(image_size[0], image_size[1], 3),
             drop_path_rate=drop_path_rate,
         )
-        model = keras.Model(backbone.inputs, _new_head(backbone.outputs[0], num_classes), name=f"{variant}_finetuned")
+        model = functional_model(backbone.inputs, _new_head(backbone.outputs[0], num_classes), f"{variant}_finetuned")
     if freeze_backbone:
         for layer in model.layers:
             layer.trainable = layer.name in ("head", "predictions")
