@@ -169,6 +169,10 @@ def test_export_traced_where_a_gpu_is_visible_has_no_cudnn_ops(model, tmp_path, 
 
     rnn = importlib.import_module("keras.src.backend.tensorflow.rnn")
     monkeypatch.setattr(rnn, "_is_gpu_available", lambda: True)
+    # On a real GPU "auto" picks Keras' loop (cuDNN); only Keras' check is faked here.
+    for layer in model._flatten_layers():
+        if isinstance(layer, ks.BiLSTM2D):
+            monkeypatch.setattr(layer, "route", "keras")
     # Control: with a GPU in sight, Keras traces the cuDNN kernel.
     traced = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec((1, 32, 32, 3), tf.float32)
