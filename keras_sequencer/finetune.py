@@ -205,6 +205,7 @@ def finetune(
     included). Returns a dict of the results."""
     import keras
 
+    from keras_sequencer.layers import has_gpu
     from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size
     from keras_sequencer.plots import plot_confusion_matrix, plot_history_csv
     from keras_sequencer.training import augmentation, classification_loss, create_optimizer
@@ -251,7 +252,7 @@ def finetune(
         mixed_precision = False
     if mixed_precision:
         # float16 where a GPU computes it; CPUs compute bfloat16 (AVX512-BF16, AMX).
-        keras.mixed_precision.set_global_policy("mixed_float16" if _has_gpu() else "mixed_bfloat16")
+        keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu() else "mixed_bfloat16")
     try:
         steps_per_epoch = int(np.ceil((~validation).sum() / batch_size))
         with distribution_scope(distribute):
@@ -336,20 +337,3 @@ def _best_logged(log_path):
     except (OSError, KeyError, ValueError):
         return None
     return max(values, default=None)
-
-
-def _has_gpu():
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_logical_devices("GPU"))
-    if backend == "jax":
-        import jax
-
-        return any(d.platform == "gpu" for d in jax.devices())
-    import torch
-
-    return torch.cuda.is_available()

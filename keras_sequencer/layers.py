@@ -178,21 +178,25 @@ def select_route(route, rnn_type="lstm"):
         )
     if route != "auto":
         return route
-    if not fused_available or _has_gpu(backend):
+    if not fused_available or has_gpu():
         return "keras"
     return "fused"
 
 
-def _has_gpu(backend):
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.is_available()
+def has_gpu():
+    """Whether the current Keras backend sees a GPU."""
+    backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return bool(tf.config.list_physical_devices("GPU"))
-    return False
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def directions_of(rnn):
