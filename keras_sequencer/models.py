@@ -5,7 +5,7 @@ import os
 
 import keras
 
-from keras_sequencer.imagenet import normalization_layer
+from keras_sequencer.imagenet import DEFAULT_CROP_PCT, normalization_layer
 from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock, select_route
 
 try:
@@ -21,7 +21,22 @@ if Functional is not None:
         """A functional model that drops each layer's output once its last consumer
         has run. Keras' graph runner keeps every intermediate until the pass ends;
         eager backends (torch) then held every block's output: 1.8x timm's peak
-        memory at 896 px. Same layers, weights and config as keras.Model."""
+        memory at 896 px. Same layers, weights and config as keras.Model.
+
+        `metadata` (saved in the config, so it travels inside a `.keras` file)
+        is what commands need to use the model: `class_names`, the
+        `image_size` it was trained at, and its eval transform (`crop_pct`,
+        `interpolation`). See `model_metadata`."""
+
+        def __init__(self, *args, metadata=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.metadata = dict(metadata or {})
+
+        def get_config(self):
+            config = super().get_config()
+            if self.metadata:
+                config["metadata"] = dict(self.metadata)
+            return config
 
         def _run_through_graph(self, inputs, operation_fn=lambda op: op, call_fn=None):
             nodes_by_depth = getattr(self, "_nodes_by_depth", None)
@@ -55,10 +70,39 @@ if Functional is not None:
             return keras.tree.pack_sequence_as(self._outputs_struct, [tensor_dict[id(x)] for x in self.outputs])
 
 
-def functional_model(inputs, outputs, name):
-    """keras.Model(inputs, outputs, name), freeing intermediates where possible."""
-    model_class = keras.Model if Functional is None else FreeingFunctional
-    return model_class(inputs=inputs, outputs=outputs, name=name)
+def functional_model(inputs, outputs, name, metadata=None):
+    """keras.Model(inputs, outputs, name), freeing intermediates where possible,
+    carrying `metadata` (see FreeingFunctional)."""
+    if Functional is None:
+        model = keras.Model(inputs=inputs, outputs=outputs, name=name)
+        model.metadata = dict(metadata or {})
+        return model
+    return FreeingFunctional(inputs=inputs, outputs=outputs, name=name, metadata=metadata)
+
+
+def model_metadata(model):
+    """What a model says about its use, with defaults filled in: `class_names`
+    (None where the model does not name its classes), `image_size` ((h, w):
+    the fixed input size, else the size it was trained at, else 224),
+    `crop_pct` and `interpolation` of its eval transform, and
+    `include_preprocessing` (whether it takes RGB in [0, 255])."""
+    saved = dict(getattr(model, "metadata", None) or {})
+    fixed = tuple(model.input_shape[1:3]) if len(model.input_shape) == 4 else (None, None)
+    if None not in fixed:
+        image_size = tuple(int(s) for s in fixed)
+    elif saved.get("image_size"):
+        image_size = tuple(int(s) for s in saved["image_size"])
+    else:
+        image_size = (224, 224)
+    names = [layer.name for layer in model.layers]
+    return {
+        "class_names": list(saved["class_names"]) if saved.get("class_names") else None,
+        "image_size": image_size,
+        "crop_pct": float(saved.get("crop_pct", DEFAULT_CROP_PCT)),
+        "interpolation": saved.get("interpolation", "bicubic"),
+        "include_preprocessing": "preprocessing" in names,
+        "dynamic_size": None in fixed,
+    }
 
 
 _S = dict(
@@ -308,7 +352,7 @@ def Sequencer2D(
         if input_tensor is not None
         else img_input
     )
-    model = functional_model(inputs, x, name)
+    model = functional_model(inputs, x, name, metadata={"image_size": [default_size, default_size]})
 
     if fill_weights is not None:
         fill_weights(model)
