@@ -8,13 +8,15 @@ import sys
 
 import numpy as np
 
+from keras_sequencer.data import DataError, scan_image_folder, stratified_split
+
 BEST_MODEL = "best.keras"
 LOG = "history.csv"
 BACKUP = "backup"
 CLASSES = "classes.json"
 
 
-class FinetuneError(Exception):
+class FinetuneError(DataError):
     """A problem with the data or the options, reported as one line."""
 
 
