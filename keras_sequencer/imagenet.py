@@ -1,14 +1,15 @@
 """ImageNet helpers that work offline: timm's eval transform, normalisation, class names."""
 
 import functools
-import math
 import os
 
 import numpy as np
 
+# Re-exported: the eval transform lives with the image reader.
+from keras_sequencer.data import DEFAULT_CROP_PCT, load_image  # noqa: F401
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_CROP_PCT = 0.875
 _CLASSES_FILE = os.path.join(os.path.dirname(__file__), "data", "imagenet_classes.tsv")
 
 
@@ -41,35 +42,6 @@ def normalization_layer(name="preprocessing"):
         offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
         name=name,
     )
-
-
-def load_image(path_or_image, image_size=224, crop_pct=DEFAULT_CROP_PCT):
-    """timm's eval transform up to normalisation: PIL bicubic resize of the short
-    side to floor(image_size / crop_pct), then a centre crop. Returns float32
-    RGB values in [0, 255], shape (image_size, image_size, 3)."""
-    from PIL import Image
-
-    if isinstance(path_or_image, Image.Image):
-        image = path_or_image
-    else:
-        try:
-            image = Image.open(path_or_image)
-            image.load()
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read image {path_or_image!r}: {error}") from error
-    image = image.convert("RGB")
-    scale = math.floor(image_size / crop_pct)
-    width, height = image.size
-    # torchvision's Resize(int): short side -> scale, long side truncated.
-    if width <= height:
-        new_w, new_h = scale, int(scale * height / width)
-    else:
-        new_w, new_h = int(scale * width / height), scale
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    top = int(round((new_h - image_size) / 2.0))
-    left = int(round((new_w - image_size) / 2.0))
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image, dtype="float32")
 
 
 @functools.lru_cache(maxsize=1)
