@@ -1,12 +1,16 @@
-"""The `keras-sequencer` command: predict, evaluate, finetune, export and demo."""
+"""The `keras-sequencer` command: predict, evaluate, finetune, export and demo.
+
+Argument parsing and printing only: heavy libraries are imported when a command
+runs, so `--help` answers at once."""
 
 import argparse
 import json
 import os
+import re
 import sys
+import threading
 
 VARIANTS = {"s": "sequencer2d_s", "m": "sequencer2d_m", "l": "sequencer2d_l"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class CommandError(Exception):
@@ -28,20 +32,23 @@ def _check_variant(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="keras-sequencer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="keras-sequencer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p):
         p.add_argument("--variant", type=_variant, default="sequencer2d_s", help="s, m, l or a registry name")
-        p.add_argument("--weights", default="imagenet", help="imagenet, none, a weights file, or a .keras model")
-        p.add_argument("--image-size", type=int, default=None, help="defaults to the variant's size")
+        p.add_argument("--weights", default="imagenet",
+                       help="imagenet, none, a weights file, or a .keras model (which brings its own size and classes)")
+        p.add_argument("--image-size", type=int, default=None,
+                       help="overrides the size the model was made for (a .keras model's own, or the variant's)")
 
     def image_options(p):
         model_options(p)
-        p.add_argument("--crop-pct", type=float, default=0.875)
+        p.add_argument("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.875)")
+        p.add_argument("--batch-size", type=int, default=32)
 
-    predict = sub.add_parser("predict", help="top-k ImageNet classes of images")
-    predict.add_argument("images", nargs="+")
+    predict = sub.add_parser("predict", help="top-k classes of images, folders (recursively) or globs")
+    predict.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     image_options(predict)
     predict.add_argument("--top", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -49,7 +56,6 @@ def build_parser():
     evaluate = sub.add_parser("evaluate", help="top-1/top-5 accuracy over a class-per-folder directory")
     evaluate.add_argument("data_dir")
     image_options(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=32)
 
     export = sub.add_parser("export", help="SavedModel, TFLite/LiteRT or ONNX for serving")
     model_options(export)
@@ -62,26 +68,37 @@ def build_parser():
     export.add_argument("--uint8-input", action="store_true", help="uint8 RGB in, probabilities out")
     export.add_argument("--overwrite", action="store_true")
 
-    finetune = sub.add_parser("finetune", help="fine-tune on a folder with one sub-folder of images per class")
-    finetune.add_argument("data_dir")
-    finetune.add_argument("--variant", type=_variant, default="sequencer2d_s", help="s, m, l or a registry name")
-    finetune.add_argument("--weights", default="imagenet", help="imagenet, none, a weights file or a .keras model")
-    finetune.add_argument("--output", default="sequencer_finetune", help="folder for the model, log and plots")
-    finetune.add_argument("--epochs", type=int, default=10)
-    finetune.add_argument("--batch-size", type=int, default=32)
-    finetune.add_argument("--image-size", type=int, default=224)
-    finetune.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warmup + cosine)")
-    finetune.add_argument("--weight-decay", type=float, default=0.05)
-    finetune.add_argument("--validation-split", type=float, default=0.2)
-    finetune.add_argument("--freeze-backbone", action="store_true", help="train the new head only")
-    finetune.add_argument("--mixed-precision", action="store_true", help="float16 on GPU, bfloat16 on CPU")
-    finetune.add_argument("--no-augment", action="store_true", help="no flips, zoom or shifts")
-    finetune.add_argument("--resume", action="store_true", help="continue the run in --output")
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune on a folder with one sub-folder of images per class",
+        description="Fine-tune on a folder with one sub-folder of images per class. Options left out take "
+        "their defaults; with --resume they take the values the run in --output recorded, and only "
+        "--epochs may change.",
+    )
+    finetune.add_argument("data_dir", nargs="?", help="class folders (recorded; optional with --resume)")
+    finetune.add_argument("--output", default="sequencer_finetune", help="folder for the run (default: %(default)s)")
+    finetune.add_argument("--resume", action="store_true", help="continue the run recorded in --output")
+    finetune.add_argument("--variant", type=_variant, help="s, m, l or a registry name (default: s)")
+    finetune.add_argument("--weights", help="imagenet (default), none, a weights file or a .keras model")
+    finetune.add_argument("--epochs", type=int, help="total epochs (default: 10); may grow on --resume")
+    finetune.add_argument("--batch-size", type=int, help="default: 32")
+    finetune.add_argument("--image-size", type=int, help="default: the variant's (224), or a .keras model's")
+    finetune.add_argument("--crop-pct", type=float, help="eval transform crop fraction (default: 0.875)")
+    finetune.add_argument("--lr", type=float, help="peak learning rate, AdamW with warmup + cosine (default: 1e-4)")
+    finetune.add_argument("--weight-decay", type=float, help="default: 0.05")
+    finetune.add_argument("--warmup-epochs", type=int, help="default: 1")
+    finetune.add_argument("--label-smoothing", type=float, help="default: 0.1")
+    finetune.add_argument("--drop-path-rate", type=float, help="default: 0.1")
+    finetune.add_argument("--validation-split", type=float, help="stratified fraction held out (default: 0.2)")
+    finetune.add_argument("--freeze-backbone", action="store_const", const=True, help="train the new head only")
+    finetune.add_argument("--mixed-precision", action="store_const", const=True,
+                          help="float16 on GPU, bfloat16 on CPU")
+    finetune.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                          help="no flips, zoom or shifts")
+    finetune.add_argument("--seed", type=int, help="default: 0")
     finetune.add_argument(
         "--distribute", action="store_true",
         help="data parallel: JAX DataParallel or TF MirroredStrategy (MultiWorker with TF_CONFIG)",
     )
-    finetune.add_argument("--seed", type=int, default=0)
 
     demo = sub.add_parser("demo", help="train a compact Sequencer2D on scikit-learn's digits (offline)")
     demo.add_argument("--output", default="sequencer_demo", help="folder for the model, log and plots")
@@ -91,95 +108,190 @@ def build_parser():
     return parser
 
 
+class LoadedModel:
+    """A model and what it knows: class names, input size and eval transform."""
+
+    def __init__(self, model, source, class_names, image_size, crop_pct):
+        self.model, self.source = model, source
+        self.class_names, self.image_size, self.crop_pct = class_names, image_size, crop_pct
+
+
+def _run_folder_classes(path):
+    """Class names from the run folder a model file sits in (classes.json)."""
+    classes = os.path.join(os.path.dirname(os.path.abspath(path)), "classes.json")
+    try:
+        with open(classes) as f:
+            names = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
 def load_model(args):
+    """The model of --weights/--variant, with --image-size and --crop-pct
+    overriding what the model says about itself."""
     import keras
 
     import keras_sequencer as ks
+    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size, model_metadata
 
+    override = getattr(args, "image_size", None)
     if str(args.weights).endswith(".keras"):
         if not os.path.isfile(args.weights):
             raise CommandError(f"no such model file: {args.weights}")
-        return keras.models.load_model(args.weights)
-    if args.weights not in ("imagenet", "none") and not os.path.isfile(args.weights):
-        raise CommandError(f"no such weights file: {args.weights}")
-    return ks.create_model(
-        args.variant,
-        weights=None if args.weights == "none" else args.weights,
-        input_shape=(args.image_size, args.image_size, 3),
-    )
+        try:
+            model = keras.models.load_model(args.weights)
+        except Exception as error:  # Keras raises many types for foreign or damaged files
+            raise CommandError(f"cannot load {args.weights}: {str(error).splitlines()[0][:200]}") from None
+        source = args.weights
+    else:
+        if args.weights not in ("imagenet", "none") and not os.path.isfile(args.weights):
+            raise CommandError(f"no such weights file: {args.weights}")
+        size = override or MODEL_CONFIGS[args.variant]["default_size"]
+        minimum = minimum_input_size(MODEL_CONFIGS[args.variant]["arch"]["patch_sizes"])
+        if size < minimum:
+            raise CommandError(f"--image-size {size} is too small for {args.variant}: it needs at least {minimum}")
+        model = ks.create_model(
+            args.variant,
+            weights=None if args.weights == "none" else args.weights,
+            input_shape=(size, size, 3),
+        )
+        source = args.variant
+    info = model_metadata(model)
+    image_size = info["image_size"]
+    if override is not None:
+        if not info["dynamic_size"] and tuple(image_size) != (override, override):
+            raise CommandError(
+                f"--image-size {override} does not fit {source}, which takes {image_size[0]}x{image_size[1]} "
+                "images (leave --image-size out to use the model's size)"
+            )
+        image_size = (override, override)
+    class_names = info["class_names"]
+    if class_names is None and source.endswith(".keras"):
+        class_names = _run_folder_classes(source)
+    outputs = model.output_shape[-1]
+    if class_names is not None and len(class_names) != outputs:
+        class_names = None
+    crop_pct = getattr(args, "crop_pct", None) or info["crop_pct"]
+    return LoadedModel(model, source, class_names, image_size, crop_pct)
 
 
-def _default_image_size(args):
-    from keras_sequencer.models import MODEL_CONFIGS
-
-    if getattr(args, "image_size", 0) is None:
-        args.image_size = MODEL_CONFIGS[args.variant]["default_size"]
-
-
-def _load_batch(paths, args):
+def _read_images(paths, loaded):
+    """(batch, kept paths); unreadable files are reported on stderr and skipped."""
     import numpy as np
 
-    from keras_sequencer.imagenet import load_image
+    from keras_sequencer.data import DataError, load_image
 
     images, kept = [], []
     for path in paths:
         try:
-            images.append(load_image(path, args.image_size, args.crop_pct))
+            images.append(load_image(path, loaded.image_size, loaded.crop_pct))
             kept.append(path)
-        except ValueError as error:
-            print(f"warning: skipped {error}", file=sys.stderr)
+        except DataError as error:
+            print(f"warning: {error}; skipped", file=sys.stderr)
     return (np.stack(images) if images else None), kept
 
 
-def run_predict(args):
-    from keras_sequencer.imagenet import decode_predictions
+def _predict(loaded, images):
+    import keras
 
-    missing = [p for p in args.images if not os.path.isfile(p)]
-    if missing:
-        raise CommandError(f"no such image: {', '.join(missing)}")
-    model = load_model(args)
-    images, kept = _load_batch(args.images, args)
-    if images is None:
-        raise CommandError("none of the images could be read")
-    probs = model.predict(images, verbose=0)
-    if probs.shape[-1] == 1000:
-        decoded = decode_predictions(probs, top=args.top)
+    return keras.ops.convert_to_numpy(loaded.model.predict_on_batch(images))
+
+
+def _labels(loaded, probs, top):
+    """[(index, label, synset or None, probability), ...] per row, best first."""
+    import numpy as np
+
+    from keras_sequencer.imagenet import imagenet_class_names, imagenet_synsets
+
+    if loaded.class_names is not None:
+        names, synsets = loaded.class_names, None
+    elif probs.shape[-1] == 1000:
+        names = [n.split(",")[0] for n in imagenet_class_names()]
+        synsets = imagenet_synsets()
     else:
-        order = probs.argsort(axis=-1)[:, ::-1][:, : args.top]
-        decoded = [[(str(i), f"class {i}", float(p[i])) for i in row] for row, p in zip(order, probs)]
-    results = [
-        {"image": path, "predictions": [{"synset": s, "label": n, "probability": p} for s, n, p in top]}
-        for path, top in zip(kept, decoded)
+        names, synsets = [f"class {i}" for i in range(probs.shape[-1])], None
+    order = np.argsort(probs, axis=-1)[:, ::-1][:, :top]
+    return [
+        [(int(i), names[i], synsets[i] if synsets else None, float(p[i])) for i in row]
+        for row, p in zip(order, probs)
     ]
+
+
+def run_predict(args):
+    from keras_sequencer.data import DataError, find_images
+
+    models = [p for p in args.images if p.endswith(".keras")]
+    if models:
+        raise CommandError(f"{models[0]} is a model, not an image: pass it as --weights {models[0]}")
+    try:
+        paths = find_images(args.images)
+    except DataError as error:
+        raise CommandError(str(error)) from None
+    loaded = load_model(args)
+    results = []
+    for start in range(0, len(paths), args.batch_size):
+        images, kept = _read_images(paths[start : start + args.batch_size], loaded)
+        if images is None:
+            continue
+        for path, top in zip(kept, _labels(loaded, _predict(loaded, images), args.top)):
+            predictions = [{"index": i, "label": name, "probability": p} for i, name, _, p in top]
+            for item, (_, _, synset, _) in zip(predictions, top):
+                if synset:
+                    item["synset"] = synset
+            results.append({"image": path, "predictions": predictions})
+            if not args.json:
+                print(path)
+                for rank, item in enumerate(predictions, 1):
+                    tag = f"  ({item['synset']})" if "synset" in item else ""
+                    print(f"  {rank}. {item['label']:<30s} {item['probability']:.4f}{tag}")
+    if not results:
+        raise CommandError("none of the images could be read")
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            print(result["image"])
-            for rank, item in enumerate(result["predictions"], 1):
-                print(f"  {rank}. {item['label']:<30s} {item['probability']:.4f}  ({item['synset']})")
     return 0
 
 
-def list_labelled_images(data_dir):
-    """(path, class index) pairs. ImageNet synset folders get their standard
-    index; any other folder layout gets the sorted-folder index."""
-    from keras_sequencer.imagenet import imagenet_synsets
-
+def class_folders(data_dir):
+    """The class sub-folders of `data_dir`, sorted; checked before any model loads."""
     if not os.path.isdir(data_dir):
         raise CommandError(f"no such directory: {data_dir}")
-    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
-    if not classes:
+    folders = sorted(
+        d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(".")
+    )
+    if not folders:
         raise CommandError(f"{data_dir} has no class sub-folders (one folder per class expected)")
-    synset_index = {s: i for i, s in enumerate(imagenet_synsets())}
-    use_synsets = all(c in synset_index for c in classes)
+    return folders
+
+
+def list_labelled_images(data_dir, folders, loaded, outputs):
+    """(path, class index) pairs of a folder with one sub-folder per class. The
+    folders are matched to the model's class names; ImageNet synset folders get
+    their standard index; otherwise the sorted folders are the classes."""
+    from keras_sequencer.data import DataError, find_images
+    from keras_sequencer.imagenet import imagenet_synsets
+
+    if loaded.class_names is not None:
+        index = {name: i for i, name in enumerate(loaded.class_names)}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            raise CommandError(
+                f"folders of {data_dir} that {loaded.source} has no class for: {', '.join(unknown[:5])}"
+                f" (its classes: {', '.join(loaded.class_names[:10])}{'...' if len(loaded.class_names) > 10 else ''})"
+            )
+    elif outputs == 1000 and all(f in set(imagenet_synsets()) for f in folders):
+        index = {s: i for i, s in enumerate(imagenet_synsets())}
+    else:
+        if len(folders) > outputs:
+            raise CommandError(f"{data_dir} has {len(folders)} class folders; {loaded.source} knows {outputs} classes")
+        index = {name: i for i, name in enumerate(folders)}
     samples = []
-    for position, name in enumerate(classes):
-        label = synset_index[name] if use_synsets else position
-        folder = os.path.join(data_dir, name)
-        for file in sorted(os.listdir(folder)):
-            if file.lower().endswith(IMAGE_SUFFIXES):
-                samples.append((os.path.join(folder, file), label))
+    for name in folders:
+        try:
+            paths = find_images([os.path.join(data_dir, name)])
+        except DataError:
+            continue  # an empty class folder
+        samples.extend((path, index[name]) for path in paths)
     if not samples:
         raise CommandError(f"{data_dir} holds no images")
     return samples
@@ -187,22 +299,21 @@ def list_labelled_images(data_dir):
 
 def run_evaluate(args):
     import numpy as np
-
     from tqdm.auto import tqdm
 
-    samples = list_labelled_images(args.data_dir)
-    model = load_model(args)
+    folders = class_folders(args.data_dir)
+    loaded = load_model(args)
+    samples = list_labelled_images(args.data_dir, folders, loaded, loaded.model.output_shape[-1])
     top1 = top5 = seen = skipped = 0
     bar = tqdm(total=len(samples), unit="img")
     for start in range(0, len(samples), args.batch_size):
         chunk = samples[start : start + args.batch_size]
-        images, kept = _load_batch([p for p, _ in chunk], args)
+        images, kept = _read_images([p for p, _ in chunk], loaded)
         skipped += len(chunk) - len(kept)
         if images is not None:
             kept_set = set(kept)
             labels = np.array([label for path, label in chunk if path in kept_set])
-            probs = model.predict(images, verbose=0)
-            ranked = np.argsort(probs, axis=-1)[:, ::-1]
+            ranked = np.argsort(_predict(loaded, images), axis=-1)[:, ::-1]
             top1 += int((ranked[:, 0] == labels).sum())
             top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
             seen += len(labels)
@@ -229,13 +340,16 @@ def _rerun_with_backend(backend, argv):
 def run_export(args):
     from keras_sequencer.exporters import ExportError, export
 
-    model = load_model(args)
+    loaded = load_model(args)
+    image_size = args.image_size
+    if image_size is None and args.format == "tflite":
+        image_size = loaded.image_size  # TFLite needs a static size: the model's own
     try:
         path = export(
-            model,
+            loaded.model,
             args.output,
             format=args.format,
-            image_size=args.image_size,
+            image_size=image_size,
             batch_size=args.batch_size,
             uint8_input=args.uint8_input,
             quantize=args.quantize,
@@ -255,36 +369,31 @@ def _disk_size(path):
 
 
 def run_finetune(args):
-    from keras_sequencer.finetune import FinetuneError, finetune
+    from keras_sequencer.finetune import finetune
 
-    if not 0.0 < args.validation_split < 1.0:
-        raise CommandError("--validation-split must be between 0 and 1")
-    try:
-        result = finetune(
-            args.data_dir,
-            args.output,
-            variant=args.variant,
-            weights=None if args.weights == "none" else args.weights,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            learning_rate=args.lr,
-            weight_decay=args.weight_decay,
-            validation_fraction=args.validation_split,
-            augment=not args.no_augment,
-            freeze_backbone=args.freeze_backbone,
-            mixed_precision=args.mixed_precision,
-            resume=args.resume,
-            distribute=args.distribute,
-            seed=args.seed,
-        )
-    except FinetuneError as error:
-        raise CommandError(str(error)) from None
-    print(
-        f"{result['train_images']} training and {result['validation_images']} validation images, "
-        f"{len(result['classes'])} classes" + (f", {result['skipped']} skipped" if result["skipped"] else "")
+    result = finetune(
+        args.data_dir,
+        args.output,
+        variant=args.variant,
+        weights=args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        crop_pct=args.crop_pct,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        drop_path_rate=args.drop_path_rate,
+        validation_fraction=args.validation_split,
+        augment=args.augment,
+        freeze_backbone=args.freeze_backbone,
+        mixed_precision=args.mixed_precision,
+        resume=args.resume,
+        distribute=args.distribute,
+        seed=args.seed,
     )
-    print(f"saved the best model, training log and plots in {args.output}/")
+    print(f"saved the run in {args.output}/: best.keras (epoch {result['best_epoch'] + 1}), history.csv, plots")
     print(f"accuracy: {result['accuracy']:.3f}")
     return 0
 
@@ -298,9 +407,65 @@ def run_demo(args):
     return 0
 
 
+# TensorFlow's C++ start-up lines (absl, oneDNN, CUDA stubs) ignore
+# TF_CPP_MIN_LOG_LEVEL since TF 2.19; the command drops them from its stderr.
+_NOISE = re.compile(
+    rb"^(?:[IWE]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "
+    rb"|WARNING: All log messages before absl::InitializeLog\(\)"
+    rb"|To enable the following instructions: .* rebuild TensorFlow)"
+)
+
+
+class _QuietStderr:
+    """Forwards file descriptor 2 through a pipe, dropping TensorFlow's C++ log
+    lines; everything else (errors, progress bars) passes at once."""
+
+    def __init__(self):
+        self.saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.thread = threading.Thread(target=self._pump, args=(read,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, read):
+        pending = b""
+        while True:
+            chunk = os.read(read, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not _NOISE.match(line))
+            if pending and not pending[:1] in (b"I", b"W", b"T"):
+                out, pending = out + pending, b""  # a partial line (a progress bar)
+            if out:
+                os.write(self.saved, out)
+        if pending and not _NOISE.match(pending):
+            os.write(self.saved, pending)
+        os.close(read)
+
+    def close(self):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)  # closes the pipe's write end: the pump drains and stops
+        self.thread.join(timeout=5)
+        os.close(self.saved)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    quiet = _QuietStderr() if os.environ.get("KERAS_SEQUENCER_TF_LOGS") != "1" else None
+    try:
+        return _run(args, argv, quiet)
+    finally:
+        if quiet is not None:
+            quiet.close()
+
+
+def _run(args, argv, quiet):
+    from keras_sequencer.data import DataError
+
     commands = {"predict": run_predict, "evaluate": run_evaluate, "export": run_export,
                 "finetune": run_finetune, "demo": run_demo}
     try:
@@ -312,11 +477,12 @@ def main(argv=None):
             # A .keras file saved on JAX or torch loads on TensorFlow unchanged.
             backend = export_backend(args.format, keras.backend.backend())
             if keras.backend.backend() != backend:
+                if quiet is not None:
+                    quiet.close()
                 _rerun_with_backend(backend, argv)
         _check_variant(args)
-        _default_image_size(args)
         return commands[args.command](args)
-    except CommandError as error:
+    except (CommandError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ValueError as error:  # bad weights files, mismatched checkpoints

@@ -98,7 +98,7 @@ def test_finetune_command_freezes_the_backbone(image_folder, small_start, tmp_pa
                        "--output", str(output)])
     out, err = capsys.readouterr()
     assert status == 0, err
-    assert "skipped 2 unreadable" in err
+    assert "skipped 2 unreadable" in out
     assert out.strip().splitlines()[-1].startswith("accuracy: ")
     tuned = keras.models.load_model(output / "best.keras")
     np.testing.assert_array_equal(tuned.get_layer("stem").get_weights()[0], before)

@@ -120,7 +120,7 @@ def test_cli_errors(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path)]) == 2
     assert "no class sub-folders" in capsys.readouterr().err
     assert cli.main(["predict", str(tmp_path / "nope.jpg")]) == 2
-    assert "no such image" in capsys.readouterr().err
+    assert "no such file or folder" in capsys.readouterr().err
 
 
 def _run(args, **kwargs):
