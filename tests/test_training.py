@@ -1,6 +1,5 @@
 """Training helpers: one short fit per backend, the optimizer, schedule and augmentation."""
 
-import os
 
 import keras
 import numpy as np
@@ -9,8 +8,6 @@ import pytest
 pytest.importorskip("sklearn")
 
 import keras_sequencer as ks  # noqa: E402
-from conftest import run_once  # noqa: E402
-from keras_sequencer import cli  # noqa: E402
 from keras_sequencer.demo import DIGITS_CONFIG, load_digits_rgb  # noqa: E402
 from keras_sequencer.training import (  # noqa: E402
     augmentation,
@@ -80,13 +77,3 @@ def test_augmentation_and_mixing_in_tf_data():
     assert x.shape == images.shape and np.isfinite(x).all()
     np.testing.assert_allclose(y.sum(axis=-1), 1.0, atol=1e-5)
     assert (y.max(axis=-1) < 1.0).any()  # labels really mixed
-
-
-@run_once
-def test_demo_command_smoke(tmp_path, capsys):
-    output = tmp_path / "demo"
-    assert cli.main(["demo", "--output", str(output), "--epochs", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("accuracy: 0.")
-    for name in ("model.keras", "history.csv", "curves.png", "confusion_matrix.png"):
-        assert os.path.getsize(output / name) > 0
