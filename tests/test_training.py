@@ -1,6 +1,5 @@
 """Training helpers: one short fit per backend, the optimizer, schedule and augmentation."""
 
-
 import keras
 import numpy as np
 import pytest
