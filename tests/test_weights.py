@@ -5,14 +5,12 @@ the internet.
 """
 
 import hashlib
-import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch  # noqa: E402
 import keras_sequencer as ks  # noqa: E402
 from keras_sequencer import weights as weights_module  # noqa: E402
 from conftest import run_model, run_once  # noqa: E402
+from hub_server import Hub  # noqa: E402
 from reference import (  # noqa: E402
     AUTHORS_VARIANTS,
     make_reference,
@@ -36,51 +35,6 @@ from reference import (  # noqa: E402
 REPO, COMMIT, FILENAME, _ = weights_module.PRETRAINED["sequencer2d_s"]
 HUB_PATH = f"/{REPO}/resolve/{COMMIT}/{FILENAME}"
 SIZE = 56
-
-
-class Hub:
-    """A tiny Hugging-Face-shaped file server on 127.0.0.1 (port 0)."""
-
-    def __init__(self):
-        self.files = {}  # path -> bytes
-        self.mode = "ok"  # ok | truncate | slow
-        self.requests = 0
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub.requests += 1
-                body = hub.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "Entry not found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    if hub.mode == "truncate":
-                        self.wfile.write(body[: len(body) // 2])
-                    elif hub.mode == "slow":
-                        for start in range(0, len(body), 1 << 20):
-                            self.wfile.write(body[start : start + (1 << 20)])
-                            time.sleep(0.2)
-                    else:
-                        self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _safetensors_bytes(state_dict, path):
