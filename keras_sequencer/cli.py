@@ -111,9 +111,10 @@ def build_parser():
 class LoadedModel:
     """A model and what it knows: class names, input size and eval transform."""
 
-    def __init__(self, model, source, class_names, image_size, crop_pct):
+    def __init__(self, model, source, class_names, image_size, crop_pct, normalized_input):
         self.model, self.source = model, source
         self.class_names, self.image_size, self.crop_pct = class_names, image_size, crop_pct
+        self.normalized_input = normalized_input  # built with include_preprocessing=False
 
 
 def _run_folder_classes(path):
@@ -173,7 +174,7 @@ def load_model(args):
     if class_names is not None and len(class_names) != outputs:
         class_names = None
     crop_pct = getattr(args, "crop_pct", None) or info["crop_pct"]
-    return LoadedModel(model, source, class_names, image_size, crop_pct)
+    return LoadedModel(model, source, class_names, image_size, crop_pct, not info["include_preprocessing"])
 
 
 def _read_images(paths, loaded):
@@ -195,6 +196,10 @@ def _read_images(paths, loaded):
 def _predict(loaded, images):
     import keras
 
+    from keras_sequencer.imagenet import preprocess_input
+
+    if loaded.normalized_input:
+        images = preprocess_input(images, normalize=True)
     return keras.ops.convert_to_numpy(loaded.model.predict_on_batch(images))
 
 

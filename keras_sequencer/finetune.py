@@ -11,9 +11,9 @@ with `history.csv` (rewritten from the state) holding each epoch once.
 
 What a run writes (sizes for sequencer2d_s, 27.6M parameters):
 - `best.keras`: the model with the best validation accuracy, inference only
-  (no optimizer state): about 110 MB. It names its classes and its input size
+  (no optimizer state): 110 MB. It names its classes and its input size
   (`model.metadata`).
-- `backup/`: the last committed epoch's weights and AdamW moments (about 330 MB)
+- `backup/`: the last committed epoch's weights and AdamW moments (328 MB)
   and `state.json`; what `--resume` continues from. Delete it once a run is
   finished and will not be continued.
 - `run.json`, `classes.json`, `history.csv`, `curves.png`, `confusion_matrix.png`.
