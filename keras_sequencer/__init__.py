@@ -1,26 +1,37 @@
 """Sequencer2D (Tatsunami & Taki, NeurIPS 2022) for Keras 3: TensorFlow, JAX and torch."""
 
-from keras_sequencer.convert import CheckpointMismatchError, load_torch_state_dict
-from keras_sequencer.exporters import export
-from keras_sequencer.imagenet import (
-    decode_predictions,
-    imagenet_class_names,
-    imagenet_synsets,
-    load_image,
-    preprocess_input,
-)
-from keras_sequencer.layers import BiLSTM2D, DropPath, Sequencer2DBlock
-from keras_sequencer.models import (
-    MODEL_CONFIGS,
-    Sequencer2D,
-    Sequencer2DL,
-    Sequencer2DM,
-    Sequencer2DS,
-    create_model,
-    list_models,
-)
+import importlib
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
+
+# Public names, imported on first use (PEP 562): `import keras_sequencer` costs
+# nothing, so `keras-sequencer --help` answers without importing keras (and
+# TensorFlow: 4 s), and `export` can still choose the backend.
+_EXPORTS = {
+    "CheckpointMismatchError": "convert",
+    "load_torch_state_dict": "convert",
+    "export": "exporters",
+    "decode_predictions": "imagenet",
+    "imagenet_class_names": "imagenet",
+    "imagenet_synsets": "imagenet",
+    "load_image": "imagenet",
+    "preprocess_input": "imagenet",
+    "BiLSTM2D": "layers",
+    "DropPath": "layers",
+    "Sequencer2DBlock": "layers",
+    "MODEL_CONFIGS": "models",
+    "Sequencer2D": "models",
+    "Sequencer2DL": "models",
+    "Sequencer2DM": "models",
+    "Sequencer2DS": "models",
+    "create_model": "models",
+    "list_models": "models",
+    "model_metadata": "models",
+}
+# Submodules the eager __init__ imported, so `ks.models.X` keeps working.
+_SUBMODULES = ("convert", "exporters", "imagenet", "layers", "models", "weights")
 
 __all__ = [
     "BiLSTM2D",
@@ -41,4 +52,80 @@ __all__ = [
     "preprocess_input",
     "list_models",
     "load_torch_state_dict",
+    "model_metadata",
 ]
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+
+
+# Serializable classes. `import keras_sequencer; keras.models.load_model("m.keras")`
+# must find BiLSTM2D & co. in Keras' registry, which only importing their modules
+# fills (an earlier lazy __init__ broke this and was reverted). Those modules
+# import keras, so they are imported as soon as keras is: at once if it already
+# is, else right after `import keras` finishes, by a one-shot import hook. The
+# hook adds no import of its own: on JAX or torch nothing pulls in TensorFlow,
+# and a process that never imports keras (`--help`) never pays for it.
+_REGISTERING = ("layers", "models")
+
+
+def _register_serializables():
+    for name in _REGISTERING:
+        importlib.import_module(f"{__name__}.{name}")
+
+
+class _AfterKerasImport:
+    """A sys.meta_path finder that only watches for the top-level `keras`: it finds
+    keras' real spec with the other finders, and wraps that loader's exec_module
+    so that, once keras' own code has run, our registering modules are imported.
+    It removes itself on first use (and the wrapper on firing), so it costs
+    nothing afterwards and never runs twice."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "keras":
+            return None
+        _remove_hook()
+        spec = importlib.util.find_spec("keras")  # the other finders; we are gone
+        loader = getattr(spec, "loader", None)
+        original = getattr(loader, "exec_module", None)
+        if original is None:
+            return spec  # an unusual loader: import it untouched (no registration)
+
+        def exec_module(module):
+            try:
+                original(module)
+            finally:
+                vars(loader).pop("exec_module", None)  # back to the class' method
+            _register_serializables()
+
+        try:
+            loader.exec_module = exec_module  # this spec's loader instance only
+        except AttributeError:
+            pass
+        return spec
+
+
+def _is_hook(finder):  # by name: a reloaded package has a new class
+    return type(finder).__name__ == "_AfterKerasImport"
+
+
+def _remove_hook():
+    sys.meta_path[:] = [f for f in sys.meta_path if not _is_hook(f)]
+
+
+if "keras" in sys.modules:
+    _register_serializables()
+elif not any(_is_hook(f) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterKerasImport())

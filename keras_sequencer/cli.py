@@ -194,13 +194,12 @@ def _read_images(paths, loaded):
 
 
 def _predict(loaded, images):
-    import keras
-
     from keras_sequencer.imagenet import preprocess_input
+    from keras_sequencer.models import fast_predict
 
     if loaded.normalized_input:
         images = preprocess_input(images, normalize=True)
-    return keras.ops.convert_to_numpy(loaded.model.predict_on_batch(images))
+    return fast_predict(loaded.model, images)
 
 
 def _labels(loaded, probs, top):

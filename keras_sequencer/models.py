@@ -1,6 +1,7 @@
 """Sequencer2D builders in the keras.applications style, and the variant registry."""
 
 import collections
+import contextlib
 import os
 
 import keras
@@ -293,66 +294,70 @@ def Sequencer2D(
 
     fill_weights = None if weights is None else weights_lib.weights_loader(weights, weights_variant)
 
-    if input_tensor is None:
-        img_input = keras.Input(shape=input_shape, name="input_layer")
-    elif not keras.backend.is_keras_tensor(input_tensor):
-        img_input = keras.Input(tensor=input_tensor, shape=input_shape)
-    else:
-        img_input = input_tensor
+    with contextlib.ExitStack() as stack:
+        if getattr(fill_weights, "assigns_every_variable", False):
+            # Random values that the weights file overwrites next are not drawn.
+            stack.enter_context(weights_lib.initializers_skipped())
+        if input_tensor is None:
+            img_input = keras.Input(shape=input_shape, name="input_layer")
+        elif not keras.backend.is_keras_tensor(input_tensor):
+            img_input = keras.Input(tensor=input_tensor, shape=input_shape)
+        else:
+            img_input = input_tensor
 
-    x = img_input
-    if include_preprocessing:
-        x = normalization_layer(name="preprocessing")(x)  # RGB [0, 255] in, as timm normalises
+        x = img_input
+        if include_preprocessing:
+            x = normalization_layer(name="preprocessing")(x)  # RGB [0, 255] in, as timm normalises
 
-    rates = drop_path_rates(layers, drop_path_rate)
-    block_index = 0
-    for stage, depth in enumerate(layers):
-        # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
-        conv_name = "stem" if stage == 0 else f"stages_{stage}_downsample"
-        x = keras.layers.Conv2D(
-            embed_dims[stage],
-            patch_sizes[stage],
-            strides=patch_sizes[stage],
-            padding="valid",
-            kernel_initializer="lecun_normal",  # timm's init for these convs
-            name=conv_name,
-        )(x)
-        for block in range(depth):
-            x = Sequencer2DBlock(
-                hidden_sizes[stage],
-                mlp_ratio=mlp_ratios[stage],
-                rnn_type=rnn_type,
-                bidirectional=bidirectional,
-                union=union,
-                with_fc=with_fc,
-                drop_rate=drop_rate,
-                drop_path_rate=rates[block_index],
-                rnn_route=rnn_route,
-                name=f"stages_{stage}_blocks_{block}",
+        rates = drop_path_rates(layers, drop_path_rate)
+        block_index = 0
+        for stage, depth in enumerate(layers):
+            # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
+            conv_name = "stem" if stage == 0 else f"stages_{stage}_downsample"
+            x = keras.layers.Conv2D(
+                embed_dims[stage],
+                patch_sizes[stage],
+                strides=patch_sizes[stage],
+                padding="valid",
+                kernel_initializer="lecun_normal",  # timm's init for these convs
+                name=conv_name,
             )(x)
-            block_index += 1
-    x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
+            for block in range(depth):
+                x = Sequencer2DBlock(
+                    hidden_sizes[stage],
+                    mlp_ratio=mlp_ratios[stage],
+                    rnn_type=rnn_type,
+                    bidirectional=bidirectional,
+                    union=union,
+                    with_fc=with_fc,
+                    drop_rate=drop_rate,
+                    drop_path_rate=rates[block_index],
+                    rnn_route=rnn_route,
+                    name=f"stages_{stage}_blocks_{block}",
+                )(x)
+                block_index += 1
+        x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
 
-    if include_top:
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        if drop_rate > 0:
-            x = keras.layers.Dropout(drop_rate, name="head_dropout")(x)
-        x = keras.layers.Dense(classes, name="head")(x)
-        # float32 output so mixed precision keeps a stable softmax.
-        x = keras.layers.Activation(
-            classifier_activation, dtype="float32", name="predictions"
-        )(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+        if include_top:
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            if drop_rate > 0:
+                x = keras.layers.Dropout(drop_rate, name="head_dropout")(x)
+            x = keras.layers.Dense(classes, name="head")(x)
+            # float32 output so mixed precision keeps a stable softmax.
+            x = keras.layers.Activation(
+                classifier_activation, dtype="float32", name="predictions"
+            )(x)
+        elif pooling == "avg":
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        elif pooling == "max":
+            x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
 
-    inputs = (
-        keras.utils.get_source_inputs(input_tensor)
-        if input_tensor is not None
-        else img_input
-    )
-    model = functional_model(inputs, x, name, metadata={"image_size": [default_size, default_size]})
+        inputs = (
+            keras.utils.get_source_inputs(input_tensor)
+            if input_tensor is not None
+            else img_input
+        )
+        model = functional_model(inputs, x, name, metadata={"image_size": [default_size, default_size]})
 
     if fill_weights is not None:
         fill_weights(model)
@@ -455,3 +460,23 @@ def create_model(name, **kwargs):
     )
     arch.update(kwargs)
     return Sequencer2D(**arch)
+
+
+def fast_predict(model, x, batch_size=32):
+    """`model`'s outputs for the batch `x`, as numpy, by whichever call is quickest
+    from a fresh process on this backend (a cold start's first prediction;
+    BENCHMARKS.md, "Cold start against timm"): TensorFlow runs the model
+    eagerly, in chunks of `batch_size` (`predict` first traces a graph: 4.6 s
+    of CPU against 0.8 s eagerly for sequencer2d_s); JAX and torch use `predict`
+    (JAX compiles it once, where eager JAX compiles each recurrent loop on every
+    call: 6 s against 22 s; torch's predict runs under no_grad). Same outputs
+    as `model.predict`."""
+    import numpy as np
+
+    if keras.backend.backend() != "tensorflow":
+        return np.asarray(model.predict(x, verbose=0, batch_size=min(len(x), batch_size)))
+    outputs = [
+        keras.ops.convert_to_numpy(model(x[start : start + batch_size], training=False))
+        for start in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(outputs, axis=0)

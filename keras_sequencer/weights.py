@@ -6,10 +6,12 @@ it with the shared mapping (`convert.py`) and caches a Keras `.weights.h5` under
 place, so a killed process never leaves a file that is later taken for good.
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -265,14 +267,66 @@ def weights_loader(weights, variant=None):
     """
     if weights == "imagenet":
         source = imagenet_source_model(variant)
-        return lambda model: transfer_weights(source, model)
+        return _assigning_every_variable(lambda model: transfer_weights(source, model))
     path = os.fspath(weights)
     if is_keras_weights_file(path):
         if not os.path.isfile(path):
             raise WeightsError(f"No such weights file: {path!r}")
         return lambda model: _load_keras_weights_file(model, path)
     state_dict = read_checkpoint(path)
-    return lambda model: load_torch_state_dict(model, state_dict, source=f"checkpoint {path!r}")
+    return _assigning_every_variable(
+        lambda model: load_torch_state_dict(model, state_dict, source=f"checkpoint {path!r}")
+    )
+
+
+def _assigning_every_variable(fill):
+    """Marks a fill that assigns every weight of the model or raises (the weight
+    table's loaders): the model may then be built with `initializers_skipped`."""
+    fill.assigns_every_variable = True
+    return fill
+
+
+@contextlib.contextmanager
+def initializers_skipped():
+    """Layers built in this thread start their weights at zero instead of drawing
+    them from their initializers, for a model whose every weight is assigned
+    next (see `_assigning_every_variable`). Drawing 27M random numbers was ~1 s
+    of a torch or TensorFlow cold start, and on JAX each weight shape's
+    initializer is an XLA program to compile (4.6 s). Only the values change:
+    the layers keep their initializers (and configs); seed-generator states and
+    other variables not made from a Keras initializer start as usual."""
+    import keras
+
+    Initializer, Layer = keras.initializers.Initializer, keras.layers.Layer
+    import numpy as np
+
+    original = Layer.add_weight
+    thread = threading.get_ident()
+
+    def zeros(shape, dtype=None):
+        try:
+            return np.zeros(shape, dtype=dtype or "float32")
+        except TypeError:  # a dtype numpy does not know
+            import keras
+
+            return keras.ops.zeros(shape, dtype=dtype)
+
+    def add_weight(self, *args, **kwargs):
+        if threading.get_ident() == thread:
+            if len(args) >= 2:
+                initializer, args = args[1], (args[0],) + args[2:]
+            else:
+                initializer = kwargs.pop("initializer", None)
+            if isinstance(initializer, (Initializer, str)):
+                initializer = zeros
+            kwargs["initializer"] = initializer
+        return original(self, *args, **kwargs)
+
+    Layer.add_weight = add_weight
+    try:
+        yield
+    finally:
+        Layer.add_weight = original
 
 
 def load_weights(model, weights, variant=None):
