@@ -134,7 +134,7 @@ def load_model(args):
     import keras
 
     import keras_sequencer as ks
-    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size, model_metadata
+    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size, minimum_model_input_size, model_metadata
 
     override = getattr(args, "image_size", None)
     if str(args.weights).endswith(".keras"):
@@ -166,6 +166,9 @@ def load_model(args):
                 f"--image-size {override} does not fit {source}, which takes {image_size[0]}x{image_size[1]} "
                 "images (leave --image-size out to use the model's size)"
             )
+        minimum = minimum_model_input_size(model)
+        if override < minimum:
+            raise CommandError(f"--image-size {override} is too small for {source}: it needs at least {minimum}")
         image_size = (override, override)
     class_names = info["class_names"]
     if class_names is None and source.endswith(".keras"):

@@ -503,7 +503,7 @@ def finetune(
 def _check_settings(settings):
     """Validates the settings before anything is written; returns the `.keras`
     starting model, if any, whose input size fills in `image_size`."""
-    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size, model_metadata
+    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size, minimum_model_input_size, model_metadata
 
     weights = settings["weights"]
     if settings["epochs"] < 1 or settings["batch_size"] < 1:
@@ -525,6 +525,12 @@ def _check_settings(settings):
                     f"which takes {info['image_size'][0]}x{info['image_size'][1]} images"
                 )
             settings["image_size"] = list(info["image_size"])
+        minimum = minimum_model_input_size(start)
+        if min(settings["image_size"]) < minimum:
+            raise FinetuneError(
+                f"image size {_shown('image_size', settings['image_size'])} is too small for {weights}: "
+                f"it needs at least {minimum}x{minimum}"
+            )
         return start
     if settings["variant"] not in MODEL_CONFIGS:
         raise FinetuneError(f"unknown variant {settings['variant']!r}")

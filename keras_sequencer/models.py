@@ -162,6 +162,15 @@ def minimum_input_size(patch_sizes):
     return size
 
 
+def minimum_model_input_size(model):
+    """The smallest input side `model` accepts: its patch embeddings' strides multiplied."""
+    size = 1
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            size *= max(layer.strides)
+    return size
+
+
 def list_models():
     """Names of every Sequencer variant the authors define."""
     return sorted(MODEL_CONFIGS)

@@ -49,7 +49,9 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 class WeightsError(ValueError):
-    """Weights could not be found, downloaded, verified or read."""
+    """Weights could not be found, downloaded, verified or read. Raised `from None`:
+    the message names the cause, and the chain below it (urllib, h5py, pickle
+    frames) is 50 lines a user does not need."""
 
 
 def cache_dir():
@@ -118,7 +120,7 @@ def download(url, destination, sha256=None, progress=True):
                             raise WeightsError(
                                 f"The download from {url} was interrupted after "
                                 f"{received} bytes ({error}). Try again."
-                            ) from error
+                            ) from None
                         if not chunk:
                             break
                         out.write(chunk)
@@ -158,14 +160,14 @@ def _open_with_retries(url):
                 raise WeightsError(
                     f"Downloading {url} failed: HTTP {error.code} {error.reason}. "
                     + _how_to_work_offline()
-                ) from error
+                ) from None
         except (urllib.error.URLError, OSError) as error:
             if attempt >= MAX_ATTEMPTS or time.monotonic() + delay > deadline:
                 reason = getattr(error, "reason", error)
                 raise WeightsError(
                     f"Could not reach {url} after {attempt} attempt(s): {reason}. "
                     + _how_to_work_offline()
-                ) from error
+                ) from None
         time.sleep(delay)
         delay *= 2
 
@@ -209,13 +211,13 @@ def _read_safetensors(path):
     except ImportError as error:
         raise WeightsError(
             "Reading .safetensors files needs the `safetensors` package: pip install safetensors"
-        ) from error
+        ) from None
     try:
         return load_file(path)
     except Exception as error:  # SafetensorError and friends
         raise WeightsError(
             f"{path!r} is not a readable safetensors file: it is truncated or corrupt ({error})."
-        ) from error
+        ) from None
 
 
 def _read_torch_pickle(path):
@@ -227,7 +229,7 @@ def _read_torch_pickle(path):
             "Without torch, convert it once where torch is installed: python -m "
             "weights_conversion CHECKPOINT --variant sequencer2d_s --output out.weights.h5, "
             "or use the .safetensors file."
-        ) from error
+        ) from None
     try:
         # weights_only: never execute code from the pickle.
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -235,7 +237,7 @@ def _read_torch_pickle(path):
         raise WeightsError(
             f"{path!r} is not a readable PyTorch checkpoint: it is truncated, corrupt "
             f"or holds objects other than tensors ({type(error).__name__})."
-        ) from error
+        ) from None
 
 
 def _load_keras_weights_file(model, path):
@@ -247,7 +249,7 @@ def _load_keras_weights_file(model, path):
         raise WeightsError(
             f"Could not load weights from {path!r} into {model.name!r}: the file is "
             f"corrupt or belongs to another model ({type(error).__name__}: {error})"
-        ) from error
+        ) from None
 
 
 # ---------------------------------------------------------------- model loading
@@ -359,7 +361,7 @@ def imagenet_source_model(variant):
             raise WeightsError(
                 f"The cached weights {cached!r} could not be read ({type(error).__name__}); "
                 "they were removed. Call again to download them anew."
-            ) from error
+            ) from None
         return canonical
     return fetch_imagenet_weights(variant)
 
@@ -384,7 +386,7 @@ def fetch_imagenet_weights(variant, progress=True):
             state_dict = _read_safetensors(download_path)
             load_torch_state_dict(canonical, state_dict, source=f"file downloaded from {url}")
         except (WeightsError, CheckpointMismatchError) as error:
-            raise WeightsError(f"The file downloaded from {url} is not a valid {variant} checkpoint: {error}") from error
+            raise WeightsError(f"The file downloaded from {url} is not a valid {variant} checkpoint: {error}") from None
         save_atomically(canonical.save_weights, cached)
     finally:
         _remove(download_path)
