@@ -29,6 +29,9 @@ _EXPORTS = {
     "create_model": "models",
     "list_models": "models",
     "model_metadata": "models",
+    "effective_receptive_field": "tasks.erf",
+    "evaluate": "tasks.evaluate",
+    "resolution_sweep": "tasks.evaluate",
 }
 # Submodules the eager __init__ imported, so `ks.models.X` keeps working.
 _SUBMODULES = ("convert", "exporters", "imagenet", "layers", "models", "weights")
@@ -53,6 +56,9 @@ __all__ = [
     "list_models",
     "load_torch_state_dict",
     "model_metadata",
+    "effective_receptive_field",
+    "evaluate",
+    "resolution_sweep",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The `keras-sequencer` command: predict, evaluate, finetune, export and demo.
+"""The `keras-sequencer` command: predict, evaluate, finetune, export, erf and demo.
 
 Argument parsing and printing only: heavy libraries are imported when a command
 runs, so `--help` answers at once."""
@@ -56,6 +56,9 @@ def build_parser():
     evaluate = sub.add_parser("evaluate", help="top-1/top-5 accuracy over a class-per-folder directory")
     evaluate.add_argument("data_dir")
     image_options(evaluate)
+    evaluate.add_argument("--image-sizes", type=int, nargs="+", default=None,
+                          help="evaluate at each size (the paper's resolution figure); writes a table and a plot")
+    evaluate.add_argument("--output", default="resolution", help="folder for the --image-sizes table and plot")
 
     export = sub.add_parser("export", help="SavedModel, TFLite/LiteRT or ONNX for serving")
     model_options(export)
@@ -99,6 +102,13 @@ def build_parser():
         "--distribute", action="store_true",
         help="data parallel: JAX DataParallel or TF MirroredStrategy (MultiWorker with TF_CONFIG)",
     )
+
+    erf = sub.add_parser("erf", help="effective receptive fields of feature maps, as .npy maps and heatmaps")
+    erf.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    image_options(erf)
+    erf.add_argument("--layers", default=None,
+                     help="comma-separated layers, e.g. stem,stages_3_blocks_2 (default: each stage's last block)")
+    erf.add_argument("--output", default="erf", help="folder for <layer>.npy and <layer>.png (default: %(default)s)")
 
     demo = sub.add_parser("demo", help="train a compact Sequencer2D on scikit-learn's digits (offline)")
     demo.add_argument("--output", default="sequencer_demo", help="folder for the model, log and plots")
@@ -155,7 +165,7 @@ def load_model(args):
         model = ks.create_model(
             args.variant,
             weights=None if args.weights == "none" else args.weights,
-            input_shape=(size, size, 3),
+            input_shape=(None, None, 3) if getattr(args, "dynamic_size", False) else (size, size, 3),
         )
         source = args.variant
     info = model_metadata(model)
@@ -254,83 +264,55 @@ def run_predict(args):
                     print(f"  {rank}. {item['label']:<30s} {item['probability']:.4f}{tag}")
     if not results:
         raise CommandError("none of the images could be read")
+    if len(results) < len(paths):
+        print(f"skipped {len(paths) - len(results)} of {len(paths)} images (unreadable)", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
 
 
-def class_folders(data_dir):
-    """The class sub-folders of `data_dir`, sorted; checked before any model loads."""
-    if not os.path.isdir(data_dir):
-        raise CommandError(f"no such directory: {data_dir}")
-    folders = sorted(
-        d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(".")
-    )
-    if not folders:
-        raise CommandError(f"{data_dir} has no class sub-folders (one folder per class expected)")
-    return folders
-
-
-def list_labelled_images(data_dir, folders, loaded, outputs):
-    """(path, class index) pairs of a folder with one sub-folder per class. The
-    folders are matched to the model's class names; ImageNet synset folders get
-    their standard index; otherwise the sorted folders are the classes."""
-    from keras_sequencer.data import DataError, find_images
-    from keras_sequencer.imagenet import imagenet_synsets
-
-    if loaded.class_names is not None:
-        index = {name: i for i, name in enumerate(loaded.class_names)}
-        unknown = [f for f in folders if f not in index]
-        if unknown:
-            raise CommandError(
-                f"folders of {data_dir} that {loaded.source} has no class for: {', '.join(unknown[:5])}"
-                f" (its classes: {', '.join(loaded.class_names[:10])}{'...' if len(loaded.class_names) > 10 else ''})"
-            )
-    elif outputs == 1000 and all(f in set(imagenet_synsets()) for f in folders):
-        index = {s: i for i, s in enumerate(imagenet_synsets())}
-    else:
-        if len(folders) > outputs:
-            raise CommandError(f"{data_dir} has {len(folders)} class folders; {loaded.source} knows {outputs} classes")
-        index = {name: i for i, name in enumerate(folders)}
-    samples = []
-    for name in folders:
-        try:
-            paths = find_images([os.path.join(data_dir, name)])
-        except DataError:
-            continue  # an empty class folder
-        samples.extend((path, index[name]) for path in paths)
-    if not samples:
-        raise CommandError(f"{data_dir} holds no images")
-    return samples
-
-
 def run_evaluate(args):
-    import numpy as np
-    from tqdm.auto import tqdm
+    from keras_sequencer.tasks.evaluate import class_folders, evaluate, resolution_sweep
 
-    folders = class_folders(args.data_dir)
+    class_folders(args.data_dir)  # a bad folder is reported before the model loads
+    if args.image_sizes:
+        args.image_size = None
+        args.dynamic_size = True
     loaded = load_model(args)
-    samples = list_labelled_images(args.data_dir, folders, loaded, loaded.model.output_shape[-1])
-    top1 = top5 = seen = skipped = 0
-    bar = tqdm(total=len(samples), unit="img")
-    for start in range(0, len(samples), args.batch_size):
-        chunk = samples[start : start + args.batch_size]
-        images, kept = _read_images([p for p, _ in chunk], loaded)
-        skipped += len(chunk) - len(kept)
-        if images is not None:
-            kept_set = set(kept)
-            labels = np.array([label for path, label in chunk if path in kept_set])
-            ranked = np.argsort(_predict(loaded, images), axis=-1)[:, ::-1]
-            top1 += int((ranked[:, 0] == labels).sum())
-            top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
-            seen += len(labels)
-        bar.update(len(chunk))
-    bar.close()
-    if not seen:
+    options = dict(crop_pct=loaded.crop_pct, batch_size=args.batch_size, class_names=loaded.class_names,
+                   source=loaded.source)
+    if args.image_sizes:
+        rows = resolution_sweep(loaded.model, args.data_dir, args.image_sizes, output_dir=args.output, **options)
+        print(f"images: {rows[0]['images']}" + (f" (skipped {rows[0]['skipped']} unreadable)" if rows[0]["skipped"] else ""))
+        for row in rows:
+            print(f"{row['image_size']:>5d} px  top-1: {row['top1']:.3f}  top-5: {row['top5']:.3f}  "
+                  f"relative top-1: {row['relative_top1']:.4f}")
+        print(f"wrote {args.output}/resolution.csv, resolution.md and resolution.png")
+        return 0
+    result = evaluate(loaded.model, args.data_dir, image_size=loaded.image_size, **options)
+    print(f"images: {result['images']}" + (f" (skipped {result['skipped']} unreadable)" if result["skipped"] else ""))
+    print(f"top-1: {result['top1']:.3f}")
+    print(f"top-5: {result['top5']:.3f}")
+    return 0
+
+
+def run_erf(args):
+    from keras_sequencer.data import find_images
+    from keras_sequencer.tasks.erf import effective_receptive_field, save_erf_heatmaps
+
+    paths = find_images(args.images)
+    loaded = load_model(args)
+    images, kept = _read_images(paths, loaded)
+    if images is None:
         raise CommandError("none of the images could be read")
-    print(f"images: {seen}" + (f" (skipped {skipped} unreadable)" if skipped else ""))
-    print(f"top-1: {100.0 * top1 / seen:.3f}")
-    print(f"top-5: {100.0 * top5 / seen:.3f}")
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+    try:
+        erf = effective_receptive_field(loaded.model, images, layers=layers, batch_size=args.batch_size)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    for path in save_erf_heatmaps(erf, args.output):
+        print(f"wrote {path}")
+    print(f"effective receptive fields of {len(kept)} images: {', '.join(erf)}")
     return 0
 
 
@@ -474,7 +456,7 @@ def _run(args, argv, quiet):
     from keras_sequencer.data import DataError
 
     commands = {"predict": run_predict, "evaluate": run_evaluate, "export": run_export,
-                "finetune": run_finetune, "demo": run_demo}
+                "finetune": run_finetune, "erf": run_erf, "demo": run_demo}
     try:
         if args.command == "export":
             import keras

@@ -68,3 +68,42 @@ def plot_confusion_matrix(y_true, y_pred, class_names, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_erf(erf_map, path, title=None):
+    """An effective receptive field (`tasks.erf.effective_receptive_field`) as a
+    heatmap like the paper's figure: the map min-max scaled to [0, 1], RdYlGn."""
+    plt = _pyplot()
+    values = np.asarray(erf_map, dtype="float64")
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    image = ax.imshow(scaled, cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_resolution(rows, reference_size, path):
+    """Top-1 relative to `reference_size` against the input size (the paper's
+    resolution-adaptability figure), from `tasks.evaluate.resolution_sweep` rows."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    sizes = [row["image_size"] for row in rows]
+    ax.plot(sizes, [row["relative_top1"] for row in rows], marker="o", label="Sequencer")
+    ax.axvline(reference_size, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("input resolution (px)")
+    ax.set_ylabel(f"top-1 relative to {reference_size} px")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+

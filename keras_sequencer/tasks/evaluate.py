@@ -1,0 +1,144 @@
+"""Accuracy over a folder with one sub-folder per class, at one input size or
+several (the paper's resolution-adaptability figure)."""
+
+import csv
+import os
+
+import numpy as np
+
+from keras_sequencer.data import DataError, find_images, load_image
+from keras_sequencer.imagenet import imagenet_synsets, preprocess_input
+from keras_sequencer.models import fast_predict, minimum_model_input_size, model_metadata
+
+
+def class_folders(data_dir):
+    """The class sub-folders of `data_dir`, sorted; checked before any model loads."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"no such directory: {data_dir}")
+    folders = sorted(
+        d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(".")
+    )
+    if not folders:
+        raise DataError(f"{data_dir} has no class sub-folders (one folder per class expected)")
+    return folders
+
+
+def labelled_images(data_dir, class_names=None, num_classes=1000, source="the model"):
+    """(path, class index) pairs. The folders are matched to `class_names` (the
+    model's) when given; ImageNet synset folders get their standard index;
+    otherwise the sorted folders are the classes."""
+    folders = class_folders(data_dir)
+    if class_names is not None:
+        index = {name: i for i, name in enumerate(class_names)}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            more = "..." if len(class_names) > 10 else ""
+            raise DataError(
+                f"folders of {data_dir} that {source} has no class for: {', '.join(unknown[:5])}"
+                f" (its classes: {', '.join(class_names[:10])}{more})"
+            )
+    elif num_classes == 1000 and set(folders) <= set(imagenet_synsets()):
+        index = {s: i for i, s in enumerate(imagenet_synsets())}
+    else:
+        if len(folders) > num_classes:
+            raise DataError(f"{data_dir} has {len(folders)} class folders; {source} knows {num_classes} classes")
+        index = {name: i for i, name in enumerate(folders)}
+    samples = []
+    for name in folders:
+        try:
+            paths = find_images([os.path.join(data_dir, name)])
+        except DataError:
+            continue  # an empty class folder
+        samples.extend((path, index[name]) for path in paths)
+    if not samples:
+        raise DataError(f"{data_dir} holds no images")
+    return samples
+
+
+def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, class_names=None, progress=True,
+             source="the model"):
+    """Top-1 and top-5 accuracy (percent) of `model` over `data_dir`, with timm's
+    eval transform at `image_size` (default: the model's). Returns a dict with
+    `top1`, `top5`, `images` and `skipped` (unreadable files)."""
+    from tqdm.auto import tqdm
+
+    info = model_metadata(model)
+    image_size = info["image_size"] if image_size is None else image_size
+    crop_pct = info["crop_pct"] if crop_pct is None else crop_pct
+    class_names = info["class_names"] if class_names is None else class_names
+    samples = labelled_images(data_dir, class_names, model.output_shape[-1], source)
+    top1 = top5 = seen = skipped = 0
+    bar = tqdm(total=len(samples), unit="img", disable=not progress)
+    for start in range(0, len(samples), batch_size):
+        images, labels = [], []
+        for path, label in samples[start : start + batch_size]:
+            try:
+                images.append(load_image(path, image_size, crop_pct))
+                labels.append(label)
+            except DataError:
+                skipped += 1
+        if images:
+            x = np.stack(images)
+            if not info["include_preprocessing"]:
+                x = preprocess_input(x, normalize=True)
+            ranked = np.argsort(fast_predict(model, x), axis=-1)[:, ::-1]
+            labels = np.asarray(labels)
+            top1 += int((ranked[:, 0] == labels).sum())
+            top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
+            seen += len(labels)
+        bar.update(min(batch_size, len(samples) - start))
+    bar.close()
+    if not seen:
+        raise DataError("none of the images could be read")
+    return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "images": seen, "skipped": skipped}
+
+
+def resolution_sweep(model, data_dir, image_sizes, output_dir=None, reference_size=None, **options):
+    """`evaluate` at each of `image_sizes` (the same eval transform scaled to each
+    size), as in the paper's resolution-adaptability figure. Returns rows
+    `{"image_size", "top1", "top5", "images", "relative_top1"}`, where
+    relative_top1 is top-1 over the top-1 at `reference_size` (default: the
+    size the model was trained at, else the first size). With `output_dir`,
+    writes `resolution.csv`, `resolution.md` and `resolution.png`."""
+    info = model_metadata(model)
+    if not info["dynamic_size"]:
+        size = info["image_size"]
+        raise DataError(
+            f"the model takes only {size[0]}x{size[1]} images; build it with input_shape=(None, None, 3) "
+            "to evaluate other sizes"
+        )
+    minimum = minimum_model_input_size(model)
+    small = [s for s in image_sizes if s < minimum]
+    if small:
+        raise DataError(f"image sizes below the model's minimum of {minimum}: {', '.join(map(str, small))}")
+    rows = []
+    for size in image_sizes:
+        result = evaluate(model, data_dir, image_size=size, **options)
+        rows.append({"image_size": size, **result})
+    if reference_size is None:
+        trained = info["image_size"][0]
+        reference_size = trained if trained in image_sizes else image_sizes[0]
+    reference = next((r["top1"] for r in rows if r["image_size"] == reference_size), None)
+    if reference is None:
+        raise DataError(f"the reference size {reference_size} is not among the sizes evaluated")
+    for row in rows:
+        row["relative_top1"] = row["top1"] / reference if reference else float("nan")
+    if output_dir is not None:
+        write_sweep(rows, output_dir, reference_size)
+    return rows
+
+
+def write_sweep(rows, output_dir, reference_size):
+    from keras_sequencer.plots import plot_resolution
+
+    os.makedirs(output_dir, exist_ok=True)
+    keys = ["image_size", "top1", "top5", "relative_top1", "images", "skipped"]
+    with open(os.path.join(output_dir, "resolution.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(output_dir, "resolution.md"), "w") as f:
+        f.write(f"| image size | top-1 | top-5 | top-1 relative to {reference_size} |\n|---|---|---|---|\n")
+        for row in rows:
+            f.write(f"| {row['image_size']} | {row['top1']:.3f} | {row['top5']:.3f} | {row['relative_top1']:.4f} |\n")
+    plot_resolution(rows, reference_size, os.path.join(output_dir, "resolution.png"))
