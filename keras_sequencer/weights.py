@@ -246,13 +246,68 @@ def _load_keras_weights_file(model, path):
         model.load_weights(path)
     except Exception as error:  # h5py/Keras internals are not a user-facing message
         model.set_weights(before)  # Keras may have assigned some layers already
-        raise WeightsError(
-            f"Could not load weights from {path!r} into {model.name!r}: the file is "
-            f"corrupt or belongs to another model ({type(error).__name__}: {error})"
-        ) from None
+        raise CheckpointMismatchError(_weights_file_mismatch(model, path, error)) from None
 
 
-# ---------------------------------------------------------------- model loading
+def _block_signatures(path):
+    """Each Sequencer2D block a Keras .weights.h5 holds, in order, as (width, LSTM
+    hidden size, gates, axes, bidirectional, fc input width or 0), or None when
+    the file cannot be read that way."""
+    import re
+
+    import h5py
+
+    blocks = {}
+    try:
+        with h5py.File(path, "r") as f:
+            def visit(name, obj):
+                m = re.match(r"layers/sequencer2d_block(?:_(\d+))?/(.*)$", name)
+                if m and hasattr(obj, "shape"):
+                    blocks.setdefault(int(m.group(1) or 0), {})[m.group(2)] = tuple(obj.shape)
+            f.visititems(visit)
+    except (OSError, ValueError):
+        return None
+    signatures = []
+    for index in sorted(blocks):
+        shapes = blocks[index]
+        recurrent = [k for k in shapes if re.match(r"rnn_tokens/rnn_[vh]/(forward_layer/)?cell/vars/1$", k)]
+        if "norm1/vars/0" not in shapes or not recurrent:
+            return None
+        hidden, gates = shapes[recurrent[0]][0], shapes[recurrent[0]][1] // shapes[recurrent[0]][0]
+        bidirectional = any("backward_layer" in k for k in shapes)
+        fc = shapes.get("rnn_tokens/fc/vars/0", (0,))[0]
+        signatures.append((shapes["norm1/vars/0"][0], hidden, gates, len(recurrent), bidirectional, fc))
+    return signatures or None
+
+
+def _config_signatures(arch):
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[arch["rnn_type"]]
+    axes = 2 if arch["union"] in ("cat", "add") else 1
+    signatures = []
+    for stage, depth in enumerate(arch["layers"]):
+        hidden = arch["hidden_sizes"][stage]
+        out = hidden * (2 if arch["bidirectional"] else 1)
+        fc = (out * 2 if arch["union"] == "cat" else out) if arch["with_fc"] else 0
+        signatures += [(arch["embed_dims"][stage], hidden, gates, axes, arch["bidirectional"], fc)] * depth
+    return signatures
+
+
+def _weights_file_mismatch(model, path, error):
+    """One short message: what the file holds, and which variant it looks like."""
+    from keras_sequencer.models import MODEL_CONFIGS
+
+    found = _block_signatures(path)
+    message = f"The weights file {path!r} does not fit model {model.name!r}; nothing was loaded."
+    if found is None:
+        return message + f" It is corrupt or not a Sequencer2D .weights.h5 ({type(error).__name__})."
+    widths = sorted({signature[0] for signature in found})
+    message += f" It holds {len(found)} Sequencer2D blocks of widths {', '.join(map(str, widths))}"
+    matches = [name for name, config in MODEL_CONFIGS.items() if _config_signatures(config["arch"]) == found]
+    if len(matches) == 1:
+        return message + f"; it looks like {matches[0]!r}."
+    if matches:
+        return message + f"; it looks like {' or '.join(repr(m) for m in matches)}."
+    return message + "."
 
 
 def is_keras_weights_file(path):
@@ -329,12 +384,6 @@ def initializers_skipped():
         yield
     finally:
         Layer.add_weight = original
-
-
-def load_weights(model, weights, variant=None):
-    """Fills `model` from "imagenet" (of `variant`) or a weights file; see `weights_loader`."""
-    weights_loader(weights, variant)(model)
-    return model
 
 
 def _canonical_model(variant):

@@ -43,7 +43,6 @@ def test_recurrent_layers_stay_cudnn_eligible(name):
             assert cell.reset_after
         assert cell.use_bias and not rnn.unroll
         assert cell.recurrent_dropout == 0 and cell.dropout == 0
-        assert not rnn.supports_masking or rnn.input_spec is None or True  # no Masking layer feeds it
     assert not any(isinstance(layer, keras.layers.Masking) for layer in model.layers)
 
 

@@ -50,8 +50,26 @@ def test_weights_file_round_trip_through_builder(tmp_path, rng):
 def test_corrupt_weights_file_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.weights.h5"
     path.write_bytes(b"not an hdf5 file")
-    with pytest.raises(ValueError, match="corrupt or belongs to another model"):
+    with pytest.raises(ValueError, match="corrupt or not a Sequencer2D .weights.h5"):
         ks.Sequencer2DS(weights=str(path), input_shape=(28, 28, 3))
+
+
+def test_weights_file_of_another_variant_names_it_in_one_line(tmp_path):
+    path = tmp_path / "gru.weights.h5"
+    ks.create_model("gru_sequencer2d_s", input_shape=(28, 28, 3)).save_weights(path)
+    model = ks.Sequencer2DS(weights=None, input_shape=(28, 28, 3))
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ks.CheckpointMismatchError) as caught:
+        ks.Sequencer2DS(weights=str(path), input_shape=(28, 28, 3))
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert message.endswith("it looks like 'gru_sequencer2d_s'.")
+    from keras_sequencer.weights import weights_loader
+
+    with pytest.raises(ks.CheckpointMismatchError):
+        weights_loader(str(path))(model)
+    for a, b in zip(model.get_weights(), before):  # nothing half-loaded
+        np.testing.assert_array_equal(a, b)
 
 
 def test_mixed_bfloat16_builds_and_runs(rng):

@@ -138,7 +138,7 @@ def test_weights_file_build_equals_random_build_then_load(tmp_path):
     variable paths and config equal those of a random build loaded afterwards."""
     from safetensors.numpy import save_file
 
-    from keras_sequencer.weights import load_weights
+    from keras_sequencer.weights import weights_loader
     from reference import Sequencer2d
 
     arch = dict(layers=[1, 1], patch_sizes=[2, 1], embed_dims=[8, 8], hidden_sizes=[4, 4], mlp_ratios=[2.0, 2.0])
@@ -147,7 +147,8 @@ def test_weights_file_build_equals_random_build_then_load(tmp_path):
     save_file({k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}, str(path))
     for kwargs in (dict(classes=3), dict(include_top=False, pooling="avg"), dict(classes=3, drop_rate=0.1)):
         direct = ks.Sequencer2D(**arch, input_shape=(4, 4, 3), weights=str(path), **kwargs)
-        loaded = load_weights(ks.Sequencer2D(**arch, input_shape=(4, 4, 3), weights=None, **kwargs), str(path))
+        loaded = ks.Sequencer2D(**arch, input_shape=(4, 4, 3), weights=None, **kwargs)
+        weights_loader(str(path))(loaded)
         assert [v.path for v in direct.weights] == [v.path for v in loaded.weights]
         for a, b in zip(direct.get_weights(), loaded.get_weights()):
             np.testing.assert_array_equal(a, b)

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     return args
 
 
-def verify(model, state_dict, variant, image_size, tolerance):
+def verify(model, state_dict, variant, image_size):
     """Runs timm and the Keras model on the same random images; returns (max diff, agreement)."""
     import numpy as np
     import timm
@@ -87,7 +87,7 @@ def main(argv=None):
 
     status = 0
     if args.verify:
-        diff, agreement = verify(model, state_dict, args.variant, args.image_size, args.tolerance)
+        diff, agreement = verify(model, state_dict, args.variant, args.image_size)
         print(f"max abs logit difference vs timm: {diff:.3g} (tolerance {args.tolerance:g})")
         print(f"top-1 agreement with timm: {agreement:.3f}")
         if diff > args.tolerance:
