@@ -195,6 +195,15 @@ def load_torch_state_dict(model, state_dict, source="state dict"):
     expected = {key for _, keys, _ in rows for key in keys}
     has_head = any(layer.name == "head" for layer in model.layers)
     ignored = set() if has_head else {k for k in weights if k.startswith("head.")}
+    feature_info = (getattr(model, "metadata", None) or {}).get("feature_info")
+    if feature_info:
+        # A features_only model ends at its last returned stage: no norm, no head.
+        last = max(info["index"] for info in feature_info)
+        ignored |= {
+            k for k in weights
+            if k.startswith(("norm.", "head."))
+            or (re.match(r"stages\.(\d+)\.", k) and int(re.match(r"stages\.(\d+)\.", k).group(1)) > last)
+        }
 
     missing = expected - set(weights)
     unexpected = set(weights) - expected - ignored

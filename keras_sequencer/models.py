@@ -2,6 +2,7 @@
 
 import collections
 import contextlib
+import numbers
 import os
 
 import keras
@@ -73,7 +74,11 @@ if Functional is not None:
 
 def functional_model(inputs, outputs, name, metadata=None):
     """keras.Model(inputs, outputs, name), freeing intermediates where possible,
-    carrying `metadata` (see FreeingFunctional)."""
+    carrying `metadata` (see FreeingFunctional). A one-element `inputs` list
+    (`model.inputs`) becomes the tensor itself, so the model takes a bare array
+    without Keras' input-structure warning."""
+    if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
+        inputs = inputs[0]
     if Functional is None:
         model = keras.Model(inputs=inputs, outputs=outputs, name=name)
         model.metadata = dict(metadata or {})
@@ -225,6 +230,52 @@ def _resolve_input_shape(input_shape, input_tensor, default_size, min_size, weig
     return input_shape
 
 
+def feature_indices(num_stages, out_indices=None):
+    """The stages a `features_only` model returns, in order, as timm resolves
+    `out_indices`: None -> timm's default for Sequencer2d, (0, 1, 2); an int n
+    -> the last n stages; a sequence -> those stages, negative ones counted
+    from the end. Maps come back in stage order whatever the order given (timm
+    does the same); a stage named twice is an error (timm drops the repeat)."""
+    if out_indices is None:
+        out_indices = tuple(range(min(3, num_stages)))
+    if isinstance(out_indices, bool) or not isinstance(
+        out_indices, (numbers.Integral, list, tuple)
+    ):
+        raise ValueError(
+            "`out_indices` must be an int (the last n stages) or a list/tuple of "
+            f"stage indices. Received: out_indices={out_indices!r}"
+        )
+    if isinstance(out_indices, numbers.Integral):
+        out_indices = int(out_indices)
+        if not 0 < out_indices <= num_stages:
+            raise ValueError(
+                f"`out_indices={out_indices}` asks for the last {out_indices} stages; "
+                f"the model has {num_stages} (1 to {num_stages})."
+            )
+        return list(range(num_stages - out_indices, num_stages))
+    if not out_indices:
+        raise ValueError("`out_indices` must name at least one stage. Received: ()")
+    take = []
+    for index in out_indices:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise ValueError(
+                f"`out_indices` must hold integers. Received: out_indices={out_indices!r}"
+            )
+        if not -num_stages <= index < num_stages:
+            raise ValueError(
+                f"Stage index {index} in out_indices={tuple(out_indices)} is out of "
+                f"range: the model has {num_stages} stages (0 to {num_stages - 1}, "
+                "or negative from the end)."
+            )
+        take.append(int(index) % num_stages)
+    if len(set(take)) != len(take):
+        raise ValueError(
+            f"`out_indices` names a stage twice: out_indices={tuple(out_indices)} "
+            f"(stages {take})."
+        )
+    return sorted(take)
+
+
 def Sequencer2D(
     layers,
     patch_sizes,
@@ -237,7 +288,7 @@ def Sequencer2D(
     with_fc=True,
     drop_rate=0.0,
     drop_path_rate=0.0,
-    include_top=True,
+    include_top=None,
     include_preprocessing=True,
     weights=None,
     input_tensor=None,
@@ -249,6 +300,8 @@ def Sequencer2D(
     default_size=224,
     weights_variant=None,
     rnn_route="auto",
+    features_only=False,
+    out_indices=None,
 ):
     """Builds a Sequencer2D model from the reference configuration.
 
@@ -258,6 +311,8 @@ def Sequencer2D(
     names the registry entry whose ImageNet weights `weights="imagenet"` loads.
     `rnn_route` picks how every BiLSTM2D runs ("auto", "keras" or "fused"; see
     `layers.select_route`); one layer's `route` can be set after building.
+    `features_only` and `out_indices` make a multi-scale feature extractor, as
+    timm's `features_only=True` does (see `Sequencer2DS`).
     """
     arch_lists = (layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios)
     if len({len(a) for a in arch_lists}) != 1:
@@ -270,6 +325,27 @@ def Sequencer2D(
     if union not in UNIONS:
         raise ValueError("Unrecognized union: " + str(union))
     select_route(rnn_route, rnn_type)
+    take = None
+    if features_only:
+        if include_top:
+            raise ValueError(
+                "`features_only=True` returns the stages' feature maps and has no "
+                "classification head: leave `include_top` unset (or False). "
+                f"Received: include_top={include_top!r}"
+            )
+        if pooling is not None:
+            raise ValueError(
+                "`features_only=True` returns unpooled 4D feature maps; `pooling` "
+                f"does not apply. Received: pooling={pooling!r}"
+            )
+        take = feature_indices(len(layers), out_indices)
+        include_top = False
+    elif out_indices is not None:
+        raise ValueError(
+            "`out_indices` selects the feature maps of a `features_only=True` "
+            f"model. Received: out_indices={out_indices!r} with features_only=False"
+        )
+    include_top = True if include_top is None else bool(include_top)
     if pooling not in (None, "avg", "max"):
         raise ValueError(
             "`pooling` must be one of None, 'avg' or 'max'. "
@@ -320,7 +396,17 @@ def Sequencer2D(
 
         rates = drop_path_rates(layers, drop_path_rate)
         block_index = 0
-        for stage, depth in enumerate(layers):
+        stage_outputs, feature_info = [], []
+        reduction = 1
+        # A features_only model stops after its last chosen stage, as timm's does.
+        # Checkpoints and ImageNet weights fill the whole include_top=False model
+        # (below), so it is built; a Keras .weights.h5 loads by layer name into
+        # the features model itself.
+        fill_backbone = take is not None and fill_weights is not None and not (
+            weights != "imagenet" and weights_lib.is_keras_weights_file(weights)
+        )
+        last_stage = len(layers) - 1 if take is None or fill_backbone else max(take)
+        for stage, depth in enumerate(layers[: last_stage + 1]):
             # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
             conv_name = "stem" if stage == 0 else f"stages_{stage}_downsample"
             x = keras.layers.Conv2D(
@@ -345,31 +431,55 @@ def Sequencer2D(
                     name=f"stages_{stage}_blocks_{block}",
                 )(x)
                 block_index += 1
-        x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
-
-        if include_top:
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-            if drop_rate > 0:
-                x = keras.layers.Dropout(drop_rate, name="head_dropout")(x)
-            x = keras.layers.Dense(classes, name="head")(x)
-            # float32 output so mixed precision keeps a stable softmax.
-            x = keras.layers.Activation(
-                classifier_activation, dtype="float32", name="predictions"
-            )(x)
-        elif pooling == "avg":
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        elif pooling == "max":
-            x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-
+            # timm's feature for stage s: the output of `stages.{s}` (its last
+            # block), before the final norm.
+            reduction *= patch_sizes[stage]
+            stage_outputs.append(x)
+            feature_info.append(
+                dict(
+                    num_chs=int(embed_dims[stage]),
+                    reduction=int(reduction),
+                    module=f"stages.{stage}",
+                    index=stage,
+                    layer=f"stages_{stage}_blocks_{depth - 1}" if depth else conv_name,
+                )
+            )
         inputs = (
             keras.utils.get_source_inputs(input_tensor)
             if input_tensor is not None
             else img_input
         )
-        model = functional_model(inputs, x, name, metadata={"image_size": [default_size, default_size]})
+        metadata = {"image_size": [default_size, default_size]}
+        if take is None or fill_backbone:
+            x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
+
+        if take is not None:
+            metadata["feature_info"] = [feature_info[i] for i in take]
+            model = filled = functional_model(
+                inputs, [stage_outputs[i] for i in take], name, metadata=metadata
+            )
+            if fill_backbone:
+                # The include_top=False model: the features model shares its
+                # layers, so the rules of include_top=False loads cover both.
+                filled = functional_model(inputs, x, name)
+        else:
+            if include_top:
+                x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+                if drop_rate > 0:
+                    x = keras.layers.Dropout(drop_rate, name="head_dropout")(x)
+                x = keras.layers.Dense(classes, name="head")(x)
+                # float32 output so mixed precision keeps a stable softmax.
+                x = keras.layers.Activation(
+                    classifier_activation, dtype="float32", name="predictions"
+                )(x)
+            elif pooling == "avg":
+                x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            elif pooling == "max":
+                x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+            model = filled = functional_model(inputs, x, name, metadata=metadata)
 
     if fill_weights is not None:
-        fill_weights(model)
+        fill_weights(filled)
     return model
 
 
@@ -378,7 +488,7 @@ def _builder(variant, model_name):
     default_size = MODEL_CONFIGS[variant]["default_size"]
 
     def builder(
-        include_top=True,
+        include_top=None,
         include_preprocessing=True,
         weights="imagenet",
         input_tensor=None,
@@ -390,9 +500,13 @@ def _builder(variant, model_name):
         drop_rate=0.0,
         drop_path_rate=0.0,
         rnn_route="auto",
+        features_only=False,
+        out_indices=None,
     ):
         return Sequencer2D(
             **arch,
+            features_only=features_only,
+            out_indices=out_indices,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             rnn_route=rnn_route,
@@ -417,7 +531,8 @@ def _builder(variant, model_name):
 BUILDER_DOC = """Instantiates the {variant} architecture (Tatsunami & Taki, NeurIPS 2022).
 
     Args:
-        include_top: whether to include the classification head.
+        include_top: whether to include the classification head (default True;
+            False with `features_only`, where True is an error).
         include_preprocessing: if True (default) the model takes RGB values in
             [0, 255] and applies timm's ImageNet normalisation inside. If False it
             takes already-normalised input, as timm does.
@@ -426,6 +541,7 @@ BUILDER_DOC = """Instantiates the {variant} architecture (Tatsunami & Taki, Neur
         input_shape: optional (height, width, 3); defaults to ({size}, {size}, 3).
             Any size works, including (None, None, 3).
         pooling: with include_top=False, None (4D feature map), "avg" or "max".
+            Not with `features_only`.
         classes: number of classes when include_top=True.
         classifier_activation: activation of the top layer ("softmax" or None).
         name: the model name.
@@ -483,9 +599,12 @@ def fast_predict(model, x, batch_size=32):
     import numpy as np
 
     if keras.backend.backend() != "tensorflow":
-        return np.asarray(model.predict(x, verbose=0, batch_size=min(len(x), batch_size)))
-    outputs = [
-        keras.ops.convert_to_numpy(model(x[start : start + batch_size], training=False))
+        outputs = model.predict(x, verbose=0, batch_size=min(len(x), batch_size))
+        return keras.tree.map_structure(np.asarray, outputs)  # a list for features_only models
+    chunks = [
+        keras.tree.map_structure(
+            keras.ops.convert_to_numpy, model(x[start : start + batch_size], training=False)
+        )
         for start in range(0, len(x), batch_size)
     ]
-    return np.concatenate(outputs, axis=0)
+    return keras.tree.map_structure(lambda *parts: np.concatenate(parts, axis=0), *chunks)
