@@ -272,7 +272,8 @@ def run_predict(args):
 
 
 def run_evaluate(args):
-    from keras_sequencer.tasks.evaluate import class_folders, evaluate, resolution_sweep
+    from keras_sequencer.data import class_folders
+    from keras_sequencer.tasks.evaluate import evaluate, resolution_sweep
 
     class_folders(args.data_dir)  # a bad folder is reported before the model loads
     if args.image_sizes:

@@ -204,17 +204,23 @@ def _opens(path):
     return True
 
 
+def class_folders(data_dir):
+    """The class sub-folders of `data_dir` (one per class), sorted, hidden ones skipped."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"no such directory: {data_dir}")
+    folders = sorted(
+        d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(".")
+    )
+    if not folders:
+        raise DataError(f"{data_dir} has no class sub-folders (one folder of images per class expected)")
+    return folders
+
+
 def scan_image_folder(data_dir):
     """(paths, labels, class_names, unreadable): every image PIL can open, labelled
     by its sorted sub-folder; files that are not readable images are counted.
     Images are checked by header (open + verify), not decoded."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"no such directory: {data_dir}")
-    class_names = sorted(
-        d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(".")
-    )
-    if not class_names:
-        raise DataError(f"{data_dir} has no class sub-folders (one folder of images per class expected)")
+    class_names = class_folders(data_dir)
     paths, labels, unreadable = [], [], []
     for label, name in enumerate(class_names):
         for path in _files_under(os.path.join(data_dir, name)):

@@ -14,6 +14,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_history(history, path):
     """Loss and accuracy per epoch, training and validation, from `History.history`."""
     plt = _pyplot()
@@ -28,10 +35,7 @@ def plot_history(history, path):
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_history_csv(log_path, path):
@@ -64,10 +68,7 @@ def plot_confusion_matrix(y_true, y_pred, class_names, path):
         for (i, j), count in np.ndenumerate(matrix):
             ax.text(j, i, str(count), ha="center", va="center",
                     color="white" if count > matrix.max() / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_erf(erf_map, path, title=None):
@@ -84,10 +85,7 @@ def plot_erf(erf_map, path, title=None):
     if title:
         ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_resolution(rows, reference_size, path):
@@ -102,8 +100,5 @@ def plot_resolution(rows, reference_size, path):
     ax.set_ylabel(f"top-1 relative to {reference_size} px")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 

@@ -6,21 +6,9 @@ import os
 
 import numpy as np
 
-from keras_sequencer.data import DataError, find_images, load_image
+from keras_sequencer.data import DataError, class_folders, find_images, load_image
 from keras_sequencer.imagenet import imagenet_synsets, preprocess_input
 from keras_sequencer.models import fast_predict, minimum_model_input_size, model_metadata
-
-
-def class_folders(data_dir):
-    """The class sub-folders of `data_dir`, sorted; checked before any model loads."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"no such directory: {data_dir}")
-    folders = sorted(
-        d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(".")
-    )
-    if not folders:
-        raise DataError(f"{data_dir} has no class sub-folders (one folder per class expected)")
-    return folders
 
 
 def labelled_images(data_dir, class_names=None, num_classes=1000, source="the model"):
