@@ -437,6 +437,8 @@ def finetune(
         data_dir = record["data_dir"]
     if data_dir is None:
         raise FinetuneError("a data folder is needed (one sub-folder of images per class)")
+    if distribute and keras.backend.backend() not in ("jax", "tensorflow"):
+        distribution_scope(distribute)  # raises its one-line error before anything is written
     start = _check_settings(settings)
 
     paths, labels, class_names, unreadable = scan_image_folder(data_dir)

@@ -141,7 +141,10 @@ def test_finetune_errors_are_one_line(image_folder, tmp_path, capsys):
     fails([str(image_folder), "--resume", "--output", str(tmp_path / "fresh")], "nothing to resume")
     fails([str(image_folder), "--weights", str(tmp_path / "nope.keras")], "no such weights file")
     if BACKEND == "torch":
-        fails([str(image_folder), "--distribute", "--weights", "none", "--image-size", "32"], "--distribute runs on")
+        refused = tmp_path / "refused"
+        fails([str(image_folder), "--distribute", "--weights", "none", "--image-size", "32", "--output", str(refused)],
+              "--distribute runs on")
+        assert not refused.exists()  # refused before anything was written
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="--distribute is JAX DataParallel or TF MirroredStrategy")
