@@ -121,10 +121,9 @@ def build_parser():
 class LoadedModel:
     """A model and what it knows: class names, input size and eval transform."""
 
-    def __init__(self, model, source, class_names, image_size, crop_pct, normalized_input):
+    def __init__(self, model, source, class_names, image_size, crop_pct):
         self.model, self.source = model, source
         self.class_names, self.image_size, self.crop_pct = class_names, image_size, crop_pct
-        self.normalized_input = normalized_input  # built with include_preprocessing=False
 
 
 def _run_folder_classes(path):
@@ -187,7 +186,7 @@ def load_model(args):
     if class_names is not None and len(class_names) != outputs:
         class_names = None
     crop_pct = getattr(args, "crop_pct", None) or info["crop_pct"]
-    return LoadedModel(model, source, class_names, image_size, crop_pct, not info["include_preprocessing"])
+    return LoadedModel(model, source, class_names, image_size, crop_pct)
 
 
 def _read_images(paths, loaded):
@@ -207,12 +206,9 @@ def _read_images(paths, loaded):
 
 
 def _predict(loaded, images):
-    from keras_sequencer.imagenet import preprocess_input
-    from keras_sequencer.models import fast_predict
+    from keras_sequencer.tasks.evaluate import model_outputs
 
-    if loaded.normalized_input:
-        images = preprocess_input(images, normalize=True)
-    return fast_predict(loaded.model, images)
+    return model_outputs(loaded.model, images)
 
 
 def _labels(loaded, probs, top):

@@ -146,17 +146,14 @@ def resolve_settings(output_dir, given, resume):
 # ---------------------------------------------------------------- data
 
 
-class ImageBatches:
+def image_batches(paths, labels, num_classes, image_size, crop_pct, batch_size, training, seed, augment=None):
     """Batches of (images, one-hot labels) read with the package's image reader
     (EXIF orientation, 16-bit scaling: what predict and evaluate see) and timm's
     eval transform, optionally augmented; a keras.utils.PyDataset, so it feeds
-    every backend without TensorFlow. Built by `image_batches`."""
-
-
-def image_batches(paths, labels, num_classes, image_size, crop_pct, batch_size, training, seed, augment=None):
+    every backend without TensorFlow."""
     import keras
 
-    class _Batches(keras.utils.PyDataset, ImageBatches):
+    class _Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=min(4, os.cpu_count() or 1), use_multiprocessing=False)
             self.paths, self.labels = np.asarray(paths), np.asarray(labels)
@@ -234,8 +231,6 @@ def build_model(settings, class_names, start=None):
     """The variant's backbone (ImageNet or given weights), or the `.keras` model
     `start`, with a softmax head for `class_names`; the model carries its
     metadata (class names, input size, eval transform)."""
-    import keras
-
     from keras_sequencer.models import create_model, functional_model
 
     image_size = tuple(settings["image_size"])
@@ -276,7 +271,6 @@ def build_model(settings, class_names, start=None):
     if settings["freeze_backbone"]:
         for layer in model.layers:
             layer.trainable = layer.name in ("head", "predictions")
-    del keras
     return model
 
 
@@ -289,12 +283,6 @@ def _new_head(features, num_classes):
 
 
 # ---------------------------------------------------------------- epochs
-
-
-class RunCommit:
-    """Commits each finished epoch (see the module docstring) and restores the
-    last committed one when training starts. A keras.callbacks.Callback; built
-    by `run_commit`."""
 
 
 def _read_state(backup_dir):
@@ -345,13 +333,15 @@ def _remove(path):
 
 
 def run_commit(output_dir, inference_model, state):
+    """A keras.callbacks.Callback that commits each finished epoch (see the module
+    docstring) and restores the last committed one when training starts."""
     import keras
 
     from keras_sequencer.weights import save_atomically
 
     backup_dir = os.path.join(output_dir, BACKUP)
 
-    class _Commit(keras.callbacks.Callback, RunCommit):
+    class _Commit(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             if state["checkpoint"]:
                 if self.model.optimizer is not None and not self.model.optimizer.built:

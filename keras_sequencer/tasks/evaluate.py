@@ -43,6 +43,14 @@ def labelled_images(data_dir, class_names=None, num_classes=1000, source="the mo
     return samples
 
 
+def model_outputs(model, images):
+    """The model's outputs for RGB [0, 255] `images`, normalised first where the
+    model was built without its preprocessing layer."""
+    if not model_metadata(model)["include_preprocessing"]:
+        images = preprocess_input(images, normalize=True)
+    return fast_predict(model, images)
+
+
 def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, class_names=None, progress=True,
              source="the model"):
     """Top-1 and top-5 accuracy (percent) of `model` over `data_dir`, with timm's
@@ -66,10 +74,7 @@ def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, cla
             except DataError:
                 skipped += 1
         if images:
-            x = np.stack(images)
-            if not info["include_preprocessing"]:
-                x = preprocess_input(x, normalize=True)
-            ranked = np.argsort(fast_predict(model, x), axis=-1)[:, ::-1]
+            ranked = np.argsort(model_outputs(model, np.stack(images)), axis=-1)[:, ::-1]
             labels = np.asarray(labels)
             top1 += int((ranked[:, 0] == labels).sum())
             top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
