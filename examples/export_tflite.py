@@ -15,7 +15,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
-from keras_sequencer.exporters import serving_model, tflite_interpreter  # noqa: E402
+from keras_sequencer.tasks.export import serving_model, tflite_interpreter  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("output")

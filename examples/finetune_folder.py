@@ -8,7 +8,7 @@ DATA_DIR holds one sub-folder of images per class. The same as
 
 import argparse
 
-from keras_sequencer.finetune import finetune
+from keras_sequencer.tasks.finetune import finetune
 
 parser = argparse.ArgumentParser()
 parser.add_argument("data_dir")

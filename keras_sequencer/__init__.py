@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 # nothing, so `keras-sequencer --help` answers without importing keras (and
 # TensorFlow: 4 s), and `export` can still choose the backend.
 _EXPORTS = {
-    "CheckpointMismatchError": "convert",
-    "load_torch_state_dict": "convert",
-    "export": "exporters",
+    "CheckpointMismatchError": "weights.convert",
+    "load_torch_state_dict": "weights.convert",
+    "export": "tasks.export",
     "decode_predictions": "imagenet",
     "imagenet_class_names": "imagenet",
     "imagenet_synsets": "imagenet",
@@ -29,12 +29,14 @@ _EXPORTS = {
     "create_model": "models",
     "list_models": "models",
     "model_metadata": "models",
+    "create_optimizer": "training",
+    "finetune": "tasks.finetune",
     "effective_receptive_field": "tasks.erf",
     "evaluate": "tasks.evaluate",
     "resolution_sweep": "tasks.evaluate",
 }
 # Submodules the eager __init__ imported, so `ks.models.X` keeps working.
-_SUBMODULES = ("convert", "exporters", "imagenet", "layers", "models", "weights")
+_SUBMODULES = ("imagenet", "layers", "models", "registry", "tasks", "training", "weights")
 
 __all__ = [
     "BiLSTM2D",
@@ -47,6 +49,7 @@ __all__ = [
     "Sequencer2DM",
     "Sequencer2DS",
     "create_model",
+    "create_optimizer",
     "decode_predictions",
     "export",
     "imagenet_class_names",
@@ -58,6 +61,7 @@ __all__ = [
     "model_metadata",
     "effective_receptive_field",
     "evaluate",
+    "finetune",
     "resolution_sweep",
 ]
 

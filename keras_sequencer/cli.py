@@ -10,6 +10,8 @@ import re
 import sys
 import threading
 
+from keras_sequencer import registry
+
 VARIANTS = {"s": "sequencer2d_s", "m": "sequencer2d_m", "l": "sequencer2d_l"}
 
 
@@ -18,16 +20,12 @@ class CommandError(Exception):
 
 
 def _variant(value):
-    # Checked against the registry in main(): importing it here would import
-    # keras before `export` has chosen the backend.
     return VARIANTS.get(value, value)
 
 
 def _check_variant(args):
-    from keras_sequencer.models import MODEL_CONFIGS
-
     variant = getattr(args, "variant", None)
-    if variant is not None and variant not in MODEL_CONFIGS:
+    if variant is not None and variant not in registry.MODEL_CONFIGS:
         raise CommandError(f"unknown variant {variant!r} (s, m, l or a registry name)")
 
 
@@ -143,7 +141,7 @@ def load_model(args):
     import keras
 
     import keras_sequencer as ks
-    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size, minimum_model_input_size, model_metadata
+    from keras_sequencer.models import minimum_input_size, minimum_model_input_size, model_metadata
 
     override = getattr(args, "image_size", None)
     if str(args.weights).endswith(".keras"):
@@ -157,8 +155,8 @@ def load_model(args):
     else:
         if args.weights not in ("imagenet", "none") and not os.path.isfile(args.weights):
             raise CommandError(f"no such weights file: {args.weights}")
-        size = override or MODEL_CONFIGS[args.variant]["default_size"]
-        minimum = minimum_input_size(MODEL_CONFIGS[args.variant]["arch"]["patch_sizes"])
+        size = override or registry.MODEL_CONFIGS[args.variant]["default_size"]
+        minimum = minimum_input_size(registry.MODEL_CONFIGS[args.variant]["arch"]["patch_sizes"])
         if size < minimum:
             raise CommandError(f"--image-size {size} is too small for {args.variant}: it needs at least {minimum}")
         model = ks.create_model(
@@ -324,7 +322,7 @@ def _rerun_with_backend(backend, argv):
 
 
 def run_export(args):
-    from keras_sequencer.exporters import ExportError, export
+    from keras_sequencer.tasks.export import ExportError, export
 
     loaded = load_model(args)
     image_size = args.image_size
@@ -355,7 +353,7 @@ def _disk_size(path):
 
 
 def run_finetune(args):
-    from keras_sequencer.finetune import finetune
+    from keras_sequencer.tasks.finetune import finetune
 
     result = finetune(
         args.data_dir,
@@ -385,7 +383,7 @@ def run_finetune(args):
 
 
 def run_demo(args):
-    from keras_sequencer.demo import run_demo as demo
+    from keras_sequencer.tasks.demo import run_demo as demo
 
     accuracy = demo(args.output, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, verbose=2)
     print(f"saved the model, training log and plots in {args.output}/")
@@ -458,7 +456,7 @@ def _run(args, argv, quiet):
         if args.command == "export":
             import keras
 
-            from keras_sequencer.exporters import export_backend
+            from keras_sequencer.tasks.export import export_backend
 
             # A .keras file saved on JAX or torch loads on TensorFlow unchanged.
             backend = export_backend(args.format, keras.backend.backend())

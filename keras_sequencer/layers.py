@@ -2,11 +2,12 @@
 
 import contextlib
 import math
-import sys
 import warnings
 
 import keras
 from keras import layers, ops
+
+from keras_sequencer import keras_compat
 
 RNN_TYPES = ("lstm", "gru", "rnn")
 UNIONS = ("cat", "add", "vertical", "horizontal")
@@ -107,51 +108,6 @@ def cudnn_disabled(recurrent_layers):
             layer.use_cudnn = value
 
 
-@contextlib.contextmanager
-def _outside_object_sharing_scope():
-    """Keras' Bidirectional copies its layer by serialize/deserialize. Inside
-    load_model's object-sharing scope those copies are keyed by id(), and an id
-    reused after garbage collection can hand back another block's LSTM (seen as a
-    random "different `go_backwards`" error when loading a .keras file)."""
-    try:
-        from keras.src.backend.common import global_state
-    except ImportError:  # internals moved: nothing to work around
-        yield
-        return
-    keys = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_map")
-    saved = [global_state.get_global_attribute(key) for key in keys]
-    for key in keys:
-        global_state.set_global_attribute(key, None)
-    try:
-        yield
-    finally:
-        for key, value in zip(keys, saved):
-            global_state.set_global_attribute(key, value)
-
-
-@contextlib.contextmanager
-def _tensorflow_left_unimported():
-    """Keras' serializer asks `isinstance(obj, tf.TensorShape)` and, where
-    TensorFlow is installed, imports it to do so: 3 s of a JAX or torch cold
-    start spent on a library they never use (Bidirectional serializes its layer
-    to copy it). Before TensorFlow is imported no object can be one of its
-    types, so the answer is known without the import."""
-    try:
-        from keras.src.utils.module_utils import tensorflow as lazy_tensorflow
-
-        unasked = "tensorflow" not in sys.modules and lazy_tensorflow._available is None
-    except (ImportError, AttributeError):  # internals moved: import as Keras does
-        unasked = False
-    if not unasked:
-        yield
-        return
-    lazy_tensorflow._available = False
-    try:
-        yield
-    finally:
-        lazy_tensorflow._available = None  # asked afresh next time
-
-
 def select_route(route, rnn_type="lstm"):
     """Which loop a BiLSTM2D runs.
 
@@ -160,11 +116,8 @@ def select_route(route, rnn_type="lstm"):
     PyTorch's RNN kernels on torch (every rnn_type, as timm runs them), and
     TensorFlow's BlockLSTM on TensorFlow (LSTM only). JAX has none.
     "auto": "fused" where there is no GPU and the backend has the kernel (torch;
-    TensorFlow for LSTM), else "keras", so GPUs keep cuDNN. Measured on a 2-core
-    CPU (BENCHMARKS.md): on torch fused runs one BiLSTM2D 1.5x (batch 16) to 3x
-    (batch 1) faster; on TensorFlow the whole model runs 1.09x at batch 1, 0.97x
-    at batch 16, trains 1.13x faster, starts in 16 s instead of 27 s (no
-    while-loops to trace) and needs less memory.
+    TensorFlow for LSTM), else "keras", so GPUs keep cuDNN. On CPU fused is
+    the faster and leaner route (BENCHMARKS.md, "Where the time goes, and what was tried").
     """
     if route not in ROUTES:
         raise ValueError(f"Unrecognized route: {route!r}. Expected one of {ROUTES}.")
@@ -425,7 +378,7 @@ class BiLSTM2D(layers.Layer):
         )
         if not self.bidirectional:
             return rnn
-        with _outside_object_sharing_scope(), _tensorflow_left_unimported():
+        with keras_compat.outside_object_sharing_scope(), keras_compat.tensorflow_left_unimported():
             return layers.Bidirectional(rnn, merge_mode="concat", name=name)
 
     @property

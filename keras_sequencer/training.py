@@ -5,22 +5,6 @@ import types
 import keras
 from keras import ops
 
-# The authors' ImageNet recipe (README of github.com/okojoalg/sequencer).
-IMAGENET_RECIPE = dict(
-    learning_rate=2e-3,  # at batch 2048
-    weight_decay=0.05,
-    epochs=300,
-    warmup_epochs=20,
-    warmup_from=1e-6,
-    label_smoothing=0.1,
-    drop_path_rate=0.1,
-    mixup_alpha=0.8,
-    cutmix_factor=1.0,
-    random_erasing=0.25,
-    rand_augment_magnitude=9,
-)
-
-
 def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0, warmup_from=1e-6, final_fraction=0.0):
     """Linear warmup from `warmup_from` to `learning_rate`, then cosine decay."""
     warmup_steps = int(min(warmup_steps, max(total_steps - 1, 0)))

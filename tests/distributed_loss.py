@@ -19,8 +19,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from keras_sequencer.demo import DIGITS_CONFIG, load_digits_rgb  # noqa: E402
-from keras_sequencer.finetune import distribution_scope  # noqa: E402
+from keras_sequencer.tasks.demo import DIGITS_CONFIG, load_digits_rgb  # noqa: E402
+from keras_sequencer.tasks.finetune import distribution_scope  # noqa: E402
 from keras_sequencer.models import Sequencer2D  # noqa: E402
 
 

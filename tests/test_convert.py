@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_sequencer as ks
-from keras_sequencer.convert import guess_variant, normalize_state_dict
+from keras_sequencer.weights.convert import guess_variant, normalize_state_dict
 
 pytest.importorskip("timm")
 from reference import make_reference  # noqa: E402

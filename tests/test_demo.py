@@ -9,7 +9,7 @@ pytest.importorskip("sklearn")
 
 from conftest import run_once  # noqa: E402
 from keras_sequencer import cli  # noqa: E402
-from keras_sequencer.demo import (  # noqa: E402
+from keras_sequencer.tasks.demo import (  # noqa: E402
     TEST_FRACTION,
     VALIDATION_FRACTION,
     load_digits_splits,

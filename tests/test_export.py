@@ -10,7 +10,7 @@ import pytest
 from conftest import run_model
 
 import keras_sequencer as ks
-from keras_sequencer import exporters as export_lib
+from keras_sequencer.tasks import export as export_lib
 
 BACKEND = keras.backend.backend()
 tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's exporters")

@@ -17,7 +17,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 import torch  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
-from keras_sequencer import weights as weights_module  # noqa: E402
+from keras_sequencer import keras_compat, registry  # noqa: E402
 from hub_server import Hub  # noqa: E402
 from reference import make_reference, normalize  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_default_indices_and_truncation():
     # timm's default for Sequencer2d is out_indices=(0, 1, 2); like timm's, the
     # model stops after the last chosen stage. (Zero initial values: only the
     # architecture is checked, and JAX then compiles no initializers.)
-    with weights_module.initializers_skipped():
+    with keras_compat.initializers_skipped():
         model = ks.create_model("sequencer2d_s", features_only=True, input_shape=(56, 56, 3))
         last = ks.Sequencer2D(**TINY, features_only=True, out_indices=(-1,))
         two = ks.Sequencer2D(**TINY, features_only=True, out_indices=2)
@@ -190,13 +190,13 @@ def test_argument_errors(kwargs, message):
 
 
 def test_keras_file_round_trip(tmp_path):
-    with weights_module.initializers_skipped():  # values are set next
+    with keras_compat.initializers_skipped():  # values are set next
         model = ks.Sequencer2D(**TINY, features_only=True, out_indices=(0, 2))
     rng = np.random.default_rng(1)
     model.set_weights([rng.normal(0.0, 0.5, w.shape).astype("float32") for w in model.get_weights()])
     path = tmp_path / "features.keras"
     model.save(path)
-    with weights_module.initializers_skipped():  # the file's values replace them (JAX: 9 s less)
+    with keras_compat.initializers_skipped():  # the file's values replace them (JAX: 9 s less)
         loaded = keras.saving.load_model(path)
     assert loaded.metadata["feature_info"] == model.metadata["feature_info"]
     assert [d["index"] for d in loaded.metadata["feature_info"]] == [0, 2]
@@ -225,15 +225,18 @@ def _assert_same_weights(model, reference_model):
 def test_imagenet_weights(checkpoint, features_model, monkeypatch, tmp_path):
     # The head is not needed: the weights fill the include_top=False backbone,
     # whose layers the features model shares.
-    repo, commit, filename, _ = weights_module.PRETRAINED["sequencer2d_s"]
+    source = registry.PRETRAINED["sequencer2d_s"]
+    repo, commit, filename = source["repo_id"], source["revision"], source["filename"]
     body = checkpoint.read_bytes()
     server = Hub()
     server.files[f"/{repo}/resolve/{commit}/{filename}"] = body
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     sha = hashlib.sha256(body).hexdigest()
-    monkeypatch.setitem(weights_module.PRETRAINED, "sequencer2d_s", (repo, commit, filename, sha))
+    monkeypatch.setitem(registry.PRETRAINED, "sequencer2d_s", dict(source, sha256=sha))
     try:
         model = ks.Sequencer2DS(features_only=True, out_indices=(0, 1), input_shape=(56, 56, 3))
     finally:

@@ -14,8 +14,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from keras_sequencer import cli  # noqa: E402
-from keras_sequencer.demo import load_digits_rgb  # noqa: E402
-from keras_sequencer.finetune import FinetuneError, finetune  # noqa: E402
+from keras_sequencer.tasks.demo import load_digits_rgb  # noqa: E402
+from keras_sequencer.tasks.finetune import FinetuneError, finetune  # noqa: E402
 from keras_sequencer.models import Sequencer2D  # noqa: E402
 
 BACKEND = keras.backend.backend()

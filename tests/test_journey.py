@@ -171,7 +171,7 @@ def test_command_line_journey(photos, start_model, tmp_path):
 @run_once
 def test_resuming_a_run_that_failed_mid_commit(photos, start_model, tmp_path, monkeypatch):
     """A run that dies while committing an epoch resumes from the last whole one."""
-    from keras_sequencer import finetune as finetune_module
+    from keras_sequencer.tasks import finetune as finetune_module
 
     run = tmp_path / "run"
     options = dict(weights=start_model, image_size=SIZE, batch_size=16, learning_rate=3e-3, verbose=0)

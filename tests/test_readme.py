@@ -136,8 +136,6 @@ with open(README, encoding="utf-8") as _file:
 RUNNER = textwrap.dedent(
     '''
     """Runs one README block as __main__, with the served files' sha256 pinned."""
-    import importlib.abc
-    import importlib.util
     import json
     import os
     import runpy
@@ -146,25 +144,10 @@ RUNNER = textwrap.dedent(
     PINS = json.loads(os.environ["README_TEST_PINS"])
 
 
-    class PinPatcher(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name != "keras_sequencer.weights":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
-            exec_module = spec.loader.exec_module
+    from keras_sequencer import registry  # imports nothing else: the block starts cold
 
-            def exec_and_pin(module):
-                exec_module(module)
-                for variant, sha256 in PINS.items():
-                    repo, commit, filename, _ = module.PRETRAINED[variant]
-                    module.PRETRAINED[variant] = (repo, commit, filename, sha256)
-
-            spec.loader.exec_module = exec_and_pin
-            return spec
-
-
-    sys.meta_path.insert(0, PinPatcher())
+    for variant, sha256 in PINS.items():
+        registry.PRETRAINED[variant]["sha256"] = sha256
     block = sys.argv[1]
     sys.argv = [block]
     runpy.run_path(block, run_name="__main__")
@@ -218,14 +201,15 @@ def readme_env(tmp_path_factory):
     pytest.importorskip("timm")
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     from hub_server import Hub
-    from keras_sequencer import weights as weights_module
+    from keras_sequencer import registry
     from reference import make_reference
 
     base = tmp_path_factory.mktemp("readme")
     server = Hub()
     pins = {}
     for seed, variant in enumerate(SERVED):
-        repo, commit, filename, _ = weights_module.PRETRAINED[variant]
+        source = registry.PRETRAINED[variant]
+        repo, commit, filename = source["repo_id"], source["revision"], source["filename"]
         state = make_reference(variant, seed=seed).state_dict()
         path = base / f"{variant}.safetensors"
         safetensors_numpy.save_file(

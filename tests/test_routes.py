@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import keras_sequencer as ks
-from keras_sequencer.exporters import portable_recurrences
+from keras_sequencer.tasks.export import portable_recurrences
 
 BACKEND = keras.backend.backend()
 TOLERANCE = 1e-5

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 import keras_sequencer as ks  # noqa: E402
-from keras_sequencer.demo import DIGITS_CONFIG, load_digits_rgb  # noqa: E402
+from keras_sequencer.tasks.demo import DIGITS_CONFIG, load_digits_rgb  # noqa: E402
 from keras_sequencer.training import (  # noqa: E402
     augmentation,
     batch_mixing,

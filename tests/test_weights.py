@@ -21,7 +21,9 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 import torch  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
+from keras_sequencer import registry  # noqa: E402
 from keras_sequencer import weights as weights_module  # noqa: E402
+from keras_sequencer.weights import hub as hub_module  # noqa: E402
 from conftest import run_model, run_once  # noqa: E402
 from hub_server import Hub  # noqa: E402
 from reference import (  # noqa: E402
@@ -32,7 +34,8 @@ from reference import (  # noqa: E402
     to_authors_layout,
 )
 
-REPO, COMMIT, FILENAME, _ = weights_module.PRETRAINED["sequencer2d_s"]
+SOURCE = registry.PRETRAINED["sequencer2d_s"]
+REPO, COMMIT, FILENAME = SOURCE["repo_id"], SOURCE["revision"], SOURCE["filename"]
 HUB_PATH = f"/{REPO}/resolve/{COMMIT}/{FILENAME}"
 SIZE = 56
 
@@ -59,16 +62,30 @@ def hub(monkeypatch, tmp_path, checkpoint_bytes):
     server.files[HUB_PATH] = checkpoint_bytes
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     sha = hashlib.sha256(checkpoint_bytes).hexdigest()
-    monkeypatch.setitem(weights_module.PRETRAINED, "sequencer2d_s", (REPO, COMMIT, FILENAME, sha))
+    monkeypatch.setitem(registry.PRETRAINED, "sequencer2d_s", dict(SOURCE, sha256=sha))
     yield server
     server.stop()
 
 
+def _repo_cache():
+    return os.path.join(hub_module.hub_cache_dir(), "models--" + REPO.replace("/", "--"))
+
+
 def _cache_files():
-    directory = weights_module.cache_dir()
-    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    """The complete files of the repository in the Hugging Face cache (blobs)."""
+    blobs = os.path.join(_repo_cache(), "blobs")
+    names = sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []
+    return [n for n in names if not n.endswith(".incomplete")]
+
+
+def _partial_files():
+    blobs = os.path.join(_repo_cache(), "blobs")
+    names = sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []
+    return [os.path.join(blobs, n) for n in names if n.endswith(".incomplete")]
 
 
 def _assert_parity(model, reference, rng):
@@ -81,7 +98,9 @@ def test_imagenet_download_convert_cache_and_reuse_offline(hub, reference, rng):
     model = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)
     _assert_parity(model, reference, rng)
     assert hub.requests == 1
-    assert _cache_files() == [os.path.basename(weights_module.cached_weights_path("sequencer2d_s"))]
+    # One copy on disk: the checkpoint in the Hugging Face cache, named by its sha256.
+    assert _cache_files() == [registry.PRETRAINED["sequencer2d_s"]["sha256"]]
+    assert not os.path.exists(os.path.join(os.environ["KERAS_HOME"], "models"))
     hub.stop()  # later calls use only the cache
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -100,10 +119,14 @@ def test_imagenet_download_convert_cache_and_reuse_offline(hub, reference, rng):
 
 
 def test_hash_mismatch_removes_the_file(hub, monkeypatch):
-    monkeypatch.setitem(weights_module.PRETRAINED, "sequencer2d_s", (REPO, COMMIT, FILENAME, "0" * 64))
-    with pytest.raises(ValueError, match="sha256 mismatch.*expected 0{64}, got [0-9a-f]{64}"):
+    monkeypatch.setitem(registry.PRETRAINED, "sequencer2d_s", dict(SOURCE, sha256="0" * 64))
+    with pytest.raises(ValueError, match="sha256 mismatch.*expected 0{64}, got [0-9a-f]{64}.*removed"):
         ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
     assert _cache_files() == []
+    # The removed file is not taken from the cache next time: it is downloaded anew.
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
+    assert hub.requests == 2
 
 
 def test_truncated_body(hub):
@@ -120,15 +143,14 @@ def test_not_found(hub):
     assert _cache_files() == []
 
 
-def test_connection_refused_fails_fast_and_says_what_to_do(hub, monkeypatch):
+def test_connection_refused_says_what_to_do(hub, monkeypatch):
+    """An unreachable endpoint: huggingface_hub's retries, then one line."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    start = time.monotonic()
     with pytest.raises(ValueError) as info:
         ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
-    assert time.monotonic() - start < 15
     message = str(info.value)
     assert f"http://127.0.0.1:{port}{HUB_PATH}" in message
     assert "HF_ENDPOINT" in message and "local file" in message
@@ -150,18 +172,17 @@ def test_wrong_variant_file_names_the_variant(hub):
 
         body = _safetensors_bytes(gru.state_dict(), Path(d) / "gru.safetensors")
     hub.files[HUB_PATH] = body
-    weights_module.PRETRAINED["sequencer2d_s"] = (REPO, COMMIT, FILENAME, hashlib.sha256(body).hexdigest())
+    registry.PRETRAINED["sequencer2d_s"] = dict(SOURCE, sha256=hashlib.sha256(body).hexdigest())
     with pytest.raises(ValueError, match="looks like 'gru_sequencer2d_s'"):
         ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3))
-    assert _cache_files() == []
 
 
 def _loader_script(sha):
     return textwrap.dedent(
         f"""
         import keras_sequencer as ks
-        from keras_sequencer import weights
-        weights.PRETRAINED["sequencer2d_s"] = ({REPO!r}, {COMMIT!r}, {FILENAME!r}, {sha!r})
+        from keras_sequencer import registry
+        registry.PRETRAINED["sequencer2d_s"]["sha256"] = {sha!r}
         model = ks.Sequencer2DS(input_shape=({SIZE}, {SIZE}, 3))
         print("loaded", flush=True)
         """
@@ -170,7 +191,8 @@ def _loader_script(sha):
 
 @run_once
 def test_two_processes_loading_at_once(hub, checkpoint_bytes):
-    script = _loader_script(hashlib.sha256(checkpoint_bytes).hexdigest())
+    sha = hashlib.sha256(checkpoint_bytes).hexdigest()
+    script = _loader_script(sha)
     procs = [
         subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -179,7 +201,7 @@ def test_two_processes_loading_at_once(hub, checkpoint_bytes):
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
         assert "loaded" in out
-    assert _cache_files() == [os.path.basename(weights_module.cached_weights_path("sequencer2d_s"))]
+    assert _cache_files() == [sha]
 
 
 @run_once
@@ -189,17 +211,15 @@ def test_killed_download_leaves_nothing_taken_for_good(hub, checkpoint_bytes, re
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if hub.requests and any(f.endswith(".part") for f in _cache_files()):
-            directory = weights_module.cache_dir()
-            sizes = [os.path.getsize(os.path.join(directory, f)) for f in _cache_files()]
-            if max(sizes) > 2 << 20:
-                break
+        partial = _partial_files()
+        if hub.requests and partial and os.path.getsize(partial[0]) > 2 << 20:
+            break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not any(f.endswith(".weights.h5") for f in _cache_files())
+    assert _cache_files() == []  # only the .incomplete part, never taken for the file
     hub.mode = "ok"
-    model = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    model = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)  # resumes
     _assert_parity(model, reference, rng)
 
 
@@ -252,3 +272,68 @@ def test_missing_torch_is_explained(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
     with pytest.raises(ValueError, match="needs torch.*weights_conversion"):
         weights_module.read_checkpoint(path)
+
+
+def test_old_converted_cache_is_retired_with_a_message(hub, reference, rng, capfd):
+    old = os.path.join(os.environ["KERAS_HOME"], "models", f"sequencer2d_s.in1k.{COMMIT[:12]}.weights.h5")
+    os.makedirs(os.path.dirname(old))
+    with open(old, "wb") as f:
+        f.write(b"a converted copy from an older version")
+    model = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    _assert_parity(model, reference, rng)
+    assert not os.path.exists(old)
+    assert "removed the old converted copy" in capfd.readouterr().err
+
+
+def test_a_file_timm_already_downloaded_is_used(hub, checkpoint_bytes, reference, rng):
+    """timm's own download (huggingface_hub into the same cache) is found: nothing is fetched."""
+    import huggingface_hub
+
+    huggingface_hub.hf_hub_download(
+        REPO, FILENAME, revision=COMMIT, endpoint=hub.endpoint, cache_dir=hub_module.hub_cache_dir()
+    )
+    fetched = hub.requests
+    model = ks.Sequencer2DS(input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    assert hub.requests == fetched
+    _assert_parity(model, reference, rng)
+
+
+TINY = dict(layers=(1, 1), patch_sizes=(4, 2), embed_dims=(16, 32), hidden_sizes=(8, 16), mlp_ratios=(2.0, 2.0))
+
+
+def test_keras_weights_file_follows_the_head_rule(tmp_path, rng):
+    """A .weights.h5 meets the rule of checkpoints and "imagenet": a model
+    without a top takes a file with one; with a top the classes must match."""
+    from keras_sequencer.models import Sequencer2D
+
+    full = Sequencer2D(**TINY, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
+    path = str(tmp_path / "tiny.weights.h5")
+    full.save_weights(path)
+    images = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+
+    same = Sequencer2D(**TINY, input_shape=(32, 32, 3), classes=10, classifier_activation=None, weights=path)
+    np.testing.assert_allclose(run_model(same, images), run_model(full, images), atol=1e-6)
+
+    backbone = Sequencer2D(**TINY, input_shape=(32, 32, 3), include_top=False, pooling="avg", weights=path)
+    pooled = Sequencer2D(**TINY, input_shape=(32, 32, 3), include_top=False, pooling="avg")
+    pooled.set_weights([v.numpy() if hasattr(v, "numpy") else v for v in full.get_weights()[: len(pooled.weights)]])
+    np.testing.assert_allclose(run_model(backbone, images), run_model(pooled, images), atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"head has 10 classes and the model's 5: build with classes=10") as info:
+        Sequencer2D(**TINY, input_shape=(32, 32, 3), classes=5, weights=path)
+    assert len(str(info.value)) < 400 and "\n" not in str(info.value)
+
+    no_top = str(tmp_path / "no_top.weights.h5")
+    backbone.save_weights(no_top)
+    with pytest.raises(ValueError, match="has no classification head"):
+        Sequencer2D(**TINY, input_shape=(32, 32, 3), classes=10, weights=no_top)
+
+
+def test_keras_weights_file_of_another_variant_names_it(tmp_path):
+    gru = ks.create_model("gru_sequencer2d_s", input_shape=(28, 28, 3))
+    path = str(tmp_path / "gru.weights.h5")
+    gru.save_weights(path)
+    with pytest.raises(ValueError, match="looks like 'gru_sequencer2d_s'") as info:
+        ks.Sequencer2DS(weights=path, input_shape=(28, 28, 3))
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400, message

@@ -1,6 +1,6 @@
 """python -m weights_conversion CHECKPOINT --variant NAME --output OUT.weights.h5 [--keras OUT.keras] [--verify]
 
-The mapping itself lives in keras_sequencer.convert (shared with the model loader).
+The mapping itself lives in keras_sequencer.weights.convert (shared with the model loader).
 """
 
 import argparse
@@ -40,7 +40,7 @@ def verify(model, state_dict, variant, image_size):
     import timm
     import torch
 
-    from keras_sequencer.convert import normalize_state_dict
+    from keras_sequencer.weights.convert import normalize_state_dict
     from keras_sequencer.imagenet import preprocess_input
 
     name = variant.replace("_392", "")
@@ -70,7 +70,8 @@ def main(argv=None):
             return 2
 
     import keras_sequencer as ks
-    from keras_sequencer.weights import WeightsError, read_checkpoint, save_atomically
+    from keras_sequencer.files import save_atomically
+    from keras_sequencer.weights import WeightsError, read_checkpoint
 
     if args.variant not in ks.list_models():
         print(f"Unknown variant {args.variant!r}; choose from {', '.join(ks.list_models())}", file=sys.stderr)

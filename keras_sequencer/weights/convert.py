@@ -1,17 +1,22 @@
-"""PyTorch (timm / authors') Sequencer2D checkpoints -> Keras variables.
+"""PyTorch (timm / authors') Sequencer checkpoints -> Keras variables.
 
 The whole mapping is `weight_table`: one row per Keras variable, naming the
 checkpoint keys it comes from and the transform applied. Both the model loader
-and the `weights_conversion` command use it.
+and the `weights_conversion` command use it. Sequencer2D checkpoints come in
+timm's or the authors' key layout, vanilla Sequencer ones in the authors'; both
+are read in timm's layout (`normalize_state_dict`).
 """
 
 import re
 from collections.abc import Mapping
 
+import keras
 import numpy as np
 
-_BLOCK_NAME = re.compile(r"^stages_(\d+)_blocks_(\d+)$")
-_DOWNSAMPLE_NAME = re.compile(r"^stages_(\d+)_downsample$")
+from keras_sequencer import registry
+
+_BLOCK_NAME = re.compile(registry.BLOCK_NAME_PATTERN)
+_DOWNSAMPLE_NAME = re.compile(registry.DOWNSAMPLE_NAME_PATTERN)
 
 
 class CheckpointMismatchError(ValueError):
@@ -132,6 +137,8 @@ def _conv_rows(layer, prefix):
 
 
 def _block_rows(block, prefix):
+    if isinstance(block.rnn_tokens, keras.layers.Bidirectional):
+        return _vanilla_block_rows(block, prefix)
     rows = _norm_rows(block.norm1, f"{prefix}.norm1")
     bilstm = block.rnn_tokens
     for axis in ("v", "h"):
@@ -152,22 +159,39 @@ def _block_rows(block, prefix):
     return rows
 
 
+def _vanilla_block_rows(block, prefix):
+    """The vanilla Sequencer's block: one BiLSTM (`rnn_tokens.rnn`) over the
+    token sequence, no fc."""
+    rnn = block.rnn_tokens
+    rnn_prefix = f"{prefix}.rnn_tokens.rnn"
+    return (
+        _norm_rows(block.norm1, f"{prefix}.norm1")
+        + _recurrent_rows(rnn.forward_layer, rnn_prefix, "", "lstm")
+        + _recurrent_rows(rnn.backward_layer, rnn_prefix, "_reverse", "lstm")
+        + _norm_rows(block.norm2, f"{prefix}.norm2")
+        + _dense_rows(block.fc1, f"{prefix}.mlp_channels.fc1")
+        + _dense_rows(block.fc2, f"{prefix}.mlp_channels.fc2")
+    )
+
+
 def weight_table(model):
     """[(keras_variable, checkpoint_keys, transform)] for every model weight."""
     rows = []
     for layer in model.layers:
         name = layer.name
-        if name == "stem":
+        if name == registry.STEM:
             rows += _conv_rows(layer, "stem.proj")
+        elif name == registry.POSITION_EMBEDDING:
+            rows.append((layer.embedding, ("absolute_pos_embed",), _same))
         elif _DOWNSAMPLE_NAME.match(name):
             stage = _DOWNSAMPLE_NAME.match(name).group(1)
             rows += _conv_rows(layer, f"stages.{stage}.downsample.down")
         elif _BLOCK_NAME.match(name):
             stage, block = _BLOCK_NAME.match(name).groups()
             rows += _block_rows(layer, f"stages.{stage}.blocks.{block}")
-        elif name == "norm":
+        elif name == registry.NORM:
             rows += _norm_rows(layer, "norm")
-        elif name == "head":
+        elif name == registry.HEAD:
             rows += _dense_rows(layer, "head.fc")
     return rows
 
@@ -179,8 +203,26 @@ def _summarize(label, items, limit=12):
     return f"  {label} ({len(items)}): {shown}{more}"
 
 
+# Which kind of Sequencer a set of (timm-layout) keys belongs to, by its recurrent keys.
+_FAMILY_KEYS = {
+    "sequencer2d": re.compile(r"\.rnn_tokens\.rnn_[vh]\."),
+    "vanilla": re.compile(r"\.rnn_tokens\.rnn\."),
+}
+_FAMILY_NAMES = {
+    "sequencer2d": "Sequencer2D (BiLSTM2D blocks)",
+    "vanilla": "vanilla Sequencer (one BiLSTM over the token sequence)",
+}
+
+
+def checkpoint_family(keys):
+    """"sequencer2d", "vanilla" or None (neither, or both) for a set of timm-layout keys."""
+    found = {family for family, pattern in _FAMILY_KEYS.items() if any(pattern.search(k) for k in keys)}
+    return found.pop() if len(found) == 1 else None
+
+
 def load_torch_state_dict(model, state_dict, source="state dict"):
-    """Fills every variable of a Sequencer2D Keras model from a PyTorch state dict.
+    """Fills every variable of a Sequencer Keras model (Sequencer2D or vanilla)
+    from a PyTorch state dict.
 
     Accepts timm's or the authors' key layout, optionally wrapped in
     `{"model": ...}` / `{"state_dict": ...}` and with `module.` prefixes; values
@@ -191,8 +233,15 @@ def load_torch_state_dict(model, state_dict, source="state dict"):
     weights = normalize_state_dict(state_dict)
     rows = weight_table(model)
     if not rows:
-        raise ValueError(f"{model.name!r} has no Sequencer2D layers to load into.")
+        raise ValueError(f"{model.name!r} has no Sequencer layers to load into.")
     expected = {key for _, keys, _ in rows for key in keys}
+    theirs, ours = checkpoint_family(weights), checkpoint_family(expected)
+    if theirs and ours and theirs != ours:
+        # A whole-model mismatch: listing every key would bury the reason.
+        raise CheckpointMismatchError(
+            f"The {source} holds a {_FAMILY_NAMES[theirs]} and model {model.name!r} is a "
+            f"{_FAMILY_NAMES[ours]}; nothing was loaded."
+        )
     has_head = any(layer.name == "head" for layer in model.layers)
     ignored = set() if has_head else {k for k in weights if k.startswith("head.")}
     feature_info = (getattr(model, "metadata", None) or {}).get("feature_info")
@@ -244,14 +293,12 @@ def load_torch_state_dict(model, state_dict, source="state dict"):
 
 
 def infer_architecture(weights):
-    """Reads the architecture lists from a normalized (timm-layout) state dict."""
-    blocks = {}
-    for key in weights:
-        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", key)
-        if m:
-            stage, block = int(m.group(1)), int(m.group(2))
-            blocks[stage] = max(blocks.get(stage, 0), block + 1)
-    if not blocks or sorted(blocks) != list(range(len(blocks))):
+    """Reads the architecture lists from a normalized (timm-layout) state dict:
+    the registry's `arch` keys of the checkpoint's family, or None."""
+    if checkpoint_family(weights) == "vanilla":
+        return _infer_vanilla_architecture(weights)
+    blocks = _blocks_per_stage(weights)
+    if blocks is None:
         return None
     stages = range(len(blocks))
     try:
@@ -298,14 +345,53 @@ def infer_architecture(weights):
     )
 
 
+def _infer_vanilla_architecture(weights):
+    blocks = _blocks_per_stage(weights)
+    if blocks is None:
+        return None
+    stages = range(len(blocks))
+    try:
+        embed_dims = tuple(int(weights[f"stages.{s}.blocks.0.norm1.weight"].shape[0]) for s in stages)
+        hidden_sizes = tuple(
+            int(weights[f"stages.{s}.blocks.0.rnn_tokens.rnn.weight_hh_l0"].shape[1]) for s in stages
+        )
+        mlp_ratios = tuple(
+            weights[f"stages.{s}.blocks.0.mlp_channels.fc1.weight"].shape[0] / embed_dims[s] for s in stages
+        )
+        patch_sizes = (weights["stem.proj.weight"].shape[-1],) + tuple(
+            weights[f"stages.{s}.downsample.down.weight"].shape[-1] for s in stages if s > 0
+        )
+    except (KeyError, TypeError, IndexError, ZeroDivisionError):
+        return None
+    return dict(
+        layers=tuple(blocks[s] for s in stages),
+        patch_sizes=tuple(int(p) for p in patch_sizes),
+        embed_dims=embed_dims,
+        hidden_sizes=hidden_sizes,
+        mlp_ratios=tuple(float(r) for r in mlp_ratios),
+        ape="absolute_pos_embed" in weights,
+    )
+
+
+def _blocks_per_stage(weights):
+    """{stage: number of blocks}, or None where the stages are not 0..n-1."""
+    blocks = {}
+    for key in weights:
+        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        return None
+    return blocks
+
+
 def guess_variant(weights):
     """The registered variant whose architecture a normalized state dict fits, or None."""
-    from keras_sequencer.models import MODEL_CONFIGS
-
     arch = infer_architecture(weights)
     if arch is None:
         return None
-    for name, config in MODEL_CONFIGS.items():
+    for name, config in registry.MODEL_CONFIGS.items():
         reference = {k: tuple(v) if isinstance(v, list) else v for k, v in config["arch"].items()}
         reference["mlp_ratios"] = tuple(float(r) for r in reference["mlp_ratios"])
         if reference == arch:
@@ -315,6 +401,7 @@ def guess_variant(weights):
 
 __all__ = [
     "CheckpointMismatchError",
+    "checkpoint_family",
     "guess_variant",
     "infer_architecture",
     "load_torch_state_dict",

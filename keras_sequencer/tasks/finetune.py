@@ -27,9 +27,17 @@ import os
 import sys
 import time
 
+import keras
 import numpy as np
 
+from keras_sequencer import registry
 from keras_sequencer.data import DataError, load_image, scan_image_folder, stratified_split
+from keras_sequencer.files import save_atomically
+from keras_sequencer.layers import has_gpu
+from keras_sequencer.models import create_model, functional_model, minimum_model_input_size, model_metadata
+from keras_sequencer.models.base import classifier_head, minimum_input_size
+from keras_sequencer.plots import plot_confusion_matrix, plot_history_csv
+from keras_sequencer.training import augmentation, classification_loss, create_optimizer
 
 RUN_RECORD = "run.json"
 BEST_MODEL = "best.keras"
@@ -151,8 +159,6 @@ def image_batches(paths, labels, num_classes, image_size, crop_pct, batch_size, 
     (EXIF orientation, 16-bit scaling: what predict and evaluate see) and timm's
     eval transform, optionally augmented; a keras.utils.PyDataset, so it feeds
     every backend without TensorFlow."""
-    import keras
-
     class _Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=min(4, os.cpu_count() or 1), use_multiprocessing=False)
@@ -193,8 +199,6 @@ def image_batches(paths, labels, num_classes, image_size, crop_pct, batch_size, 
 def distribution_scope(distribute):
     """The context in which to build and compile: data parallel over every local
     device (and every host, where the environment describes a cluster)."""
-    import keras
-
     if not distribute:
         return contextlib.nullcontext()
     backend = keras.backend.backend()
@@ -219,8 +223,6 @@ def distribution_scope(distribute):
 
 
 def _load_keras_model(path):
-    import keras
-
     try:
         return keras.models.load_model(path)
     except Exception as error:  # Keras raises many types for foreign or damaged files
@@ -231,8 +233,6 @@ def build_model(settings, class_names, start=None):
     """The variant's backbone (ImageNet or given weights), or the `.keras` model
     `start`, with a softmax head for `class_names`; the model carries its
     metadata (class names, input size, eval transform)."""
-    from keras_sequencer.models import create_model, functional_model
-
     image_size = tuple(settings["image_size"])
     metadata = {
         "class_names": list(class_names),
@@ -250,9 +250,9 @@ def build_model(settings, class_names, start=None):
         if same_head:
             outputs = start.outputs
         else:
-            if "head" not in [layer.name for layer in start.layers]:
+            if registry.POOL not in [layer.name for layer in start.layers]:
                 raise FinetuneError(f"{settings['weights']} has no classification head to replace")
-            outputs = _new_head(start.get_layer("head").input, num_classes)
+            outputs = classifier_head(start.get_layer(registry.POOL).input, num_classes)
         model = functional_model(start.inputs, outputs, start.name, metadata=metadata)
     else:
         weights = settings["weights"]
@@ -260,26 +260,17 @@ def build_model(settings, class_names, start=None):
             settings["variant"],
             weights=None if weights == "none" else weights,
             include_top=False,
-            pooling="avg",
             input_shape=(image_size[0], image_size[1], 3),
             drop_path_rate=settings["drop_path_rate"],
         )
         model = functional_model(
-            backbone.inputs, _new_head(backbone.outputs[0], num_classes), f"{settings['variant']}_finetuned",
+            backbone.inputs, classifier_head(backbone.output, num_classes), f"{settings['variant']}_finetuned",
             metadata=metadata,
         )
     if settings["freeze_backbone"]:
         for layer in model.layers:
-            layer.trainable = layer.name in ("head", "predictions")
+            layer.trainable = layer.name in (registry.HEAD, registry.PREDICTIONS)
     return model
-
-
-def _new_head(features, num_classes):
-    """The same head layers as Sequencer2D's (Dense "head", float32 softmax "predictions")."""
-    import keras
-
-    logits = keras.layers.Dense(num_classes, name="head")(features)
-    return keras.layers.Activation("softmax", dtype="float32", name="predictions")(logits)
 
 
 # ---------------------------------------------------------------- epochs
@@ -335,9 +326,6 @@ def _remove(path):
 def run_commit(output_dir, inference_model, state):
     """A keras.callbacks.Callback that commits each finished epoch (see the module
     docstring) and restores the last committed one when training starts."""
-    import keras
-
-    from keras_sequencer.weights import save_atomically
 
     backup_dir = os.path.join(output_dir, BACKUP)
 
@@ -409,8 +397,6 @@ def finetune(
     `weights` is "imagenet", "none" (random), a weights file, or a `.keras`
     model, whose input size and class names are then used. Returns a dict of
     the results."""
-    import keras
-
     given = dict(
         variant=variant, weights=weights, epochs=epochs, batch_size=batch_size, image_size=image_size,
         crop_pct=crop_pct, learning_rate=learning_rate, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -442,6 +428,36 @@ def finetune(
     if show:
         _print_summary(data_dir, class_names, labels, validation, unreadable, settings)
 
+    _write_run_record(output_dir, record, settings, data_dir, class_names)
+    state = recover_run(output_dir)
+    if show and state["epochs_done"]:
+        best = state["best"] or {}
+        print(f"resuming {output_dir} after epoch {state['epochs_done']} of {settings['epochs']}"
+              + (f" (best validation accuracy {best['val_accuracy']:.3f})" if best else ""))
+
+    with _global_settings_restored():
+        keras.utils.set_random_seed(settings["seed"])
+        if settings["mixed_precision"]:
+            # float16 where a GPU computes it; CPUs compute bfloat16 (AVX512-BF16, AMX).
+            keras.config.set_dtype_policy("mixed_float16" if has_gpu() else "mixed_bfloat16")
+        model, train, val = _prepare(settings, class_names, paths, labels, validation, distribute, start)
+        inference = _inference_twin(model)
+        if state["epochs_done"] < settings["epochs"]:
+            model.fit(
+                train,
+                validation_data=val,
+                epochs=settings["epochs"],
+                initial_epoch=state["epochs_done"],
+                shuffle=False,  # the batches shuffle themselves, reproducibly per epoch
+                callbacks=[run_commit(output_dir, inference, state), *extra_callbacks],
+                verbose=verbose,
+            )
+    return _report(output_dir, model, val, class_names, unreadable, validation, state)
+
+
+def _write_run_record(output_dir, record, settings, data_dir, class_names):
+    """run.json (and classes.json) before anything else is written: a new run's
+    record, or a resumed one's with its changed epochs."""
     if record is None:
         os.makedirs(output_dir, exist_ok=True)
         record = {
@@ -459,44 +475,22 @@ def finetune(
         record["settings"] = settings
         _write_json(os.path.join(output_dir, RUN_RECORD), record)
 
-    state = recover_run(output_dir)
-    if show and state["epochs_done"]:
-        best = state["best"] or {}
-        print(f"resuming {output_dir} after epoch {state['epochs_done']} of {settings['epochs']}"
-              + (f" (best validation accuracy {best['val_accuracy']:.3f})" if best else ""))
 
+@contextlib.contextmanager
+def _global_settings_restored():
+    """Keras' global dtype policy and distribution, as they were before."""
     previous_policy = keras.config.dtype_policy()
     previous_distribution = keras.distribution.distribution()
     try:
-        keras.utils.set_random_seed(settings["seed"])
-        if settings["mixed_precision"]:
-            from keras_sequencer.layers import has_gpu
-
-            # float16 where a GPU computes it; CPUs compute bfloat16 (AVX512-BF16, AMX).
-            keras.config.set_dtype_policy("mixed_float16" if has_gpu() else "mixed_bfloat16")
-        model, train, val = _prepare(settings, class_names, paths, labels, validation, distribute, start)
-        inference = _inference_twin(model)
-        if state["epochs_done"] < settings["epochs"]:
-            model.fit(
-                train,
-                validation_data=val,
-                epochs=settings["epochs"],
-                initial_epoch=state["epochs_done"],
-                shuffle=False,  # the batches shuffle themselves, reproducibly per epoch
-                callbacks=[run_commit(output_dir, inference, state), *extra_callbacks],
-                verbose=verbose,
-            )
+        yield
     finally:
         keras.config.set_dtype_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
-    return _report(output_dir, model, val, class_names, unreadable, validation, state)
 
 
 def _check_settings(settings):
     """Validates the settings before anything is written; returns the `.keras`
     starting model, if any, whose input size fills in `image_size`."""
-    from keras_sequencer.models import MODEL_CONFIGS, minimum_input_size, minimum_model_input_size, model_metadata
-
     weights = settings["weights"]
     if settings["epochs"] < 1 or settings["batch_size"] < 1:
         raise FinetuneError("--epochs and --batch-size must be positive")
@@ -524,12 +518,12 @@ def _check_settings(settings):
                 f"it needs at least {minimum}x{minimum}"
             )
         return start
-    if settings["variant"] not in MODEL_CONFIGS:
+    if settings["variant"] not in registry.MODEL_CONFIGS:
         raise FinetuneError(f"unknown variant {settings['variant']!r}")
     if settings["image_size"] is None:
-        size = MODEL_CONFIGS[settings["variant"]]["default_size"]
+        size = registry.MODEL_CONFIGS[settings["variant"]]["default_size"]
         settings["image_size"] = [size, size]
-    min_size = minimum_input_size(MODEL_CONFIGS[settings["variant"]]["arch"]["patch_sizes"])
+    min_size = minimum_input_size(registry.MODEL_CONFIGS[settings["variant"]]["arch"]["patch_sizes"])
     if min(settings["image_size"]) < min_size:
         raise FinetuneError(
             f"image size {_shown('image_size', settings['image_size'])} is too small for {settings['variant']}: "
@@ -556,8 +550,6 @@ def _print_summary(data_dir, class_names, labels, validation, unreadable, settin
 
 
 def _prepare(settings, class_names, paths, labels, validation, distribute, start):
-    from keras_sequencer.training import augmentation, classification_loss, create_optimizer
-
     image_size = tuple(settings["image_size"])
     batch_size = settings["batch_size"]
     steps_per_epoch = math.ceil((~validation).sum() / batch_size)
@@ -589,16 +581,10 @@ def _prepare(settings, class_names, paths, labels, validation, distribute, start
 def _inference_twin(model):
     """The same layers as `model` (shared variables) without its optimizer: what
     best.keras holds."""
-    from keras_sequencer.models import functional_model
-
     return functional_model(model.inputs, model.outputs, model.name, metadata=getattr(model, "metadata", None))
 
 
 def _report(output_dir, model, val, class_names, unreadable, validation, state):
-    import keras
-
-    from keras_sequencer.plots import plot_confusion_matrix, plot_history_csv
-
     best_path = os.path.join(output_dir, BEST_MODEL)
     best_model = keras.models.load_model(best_path) if os.path.isfile(best_path) else model
     true, predicted = [], []

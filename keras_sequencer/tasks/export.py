@@ -10,9 +10,10 @@ import os
 
 import keras
 
+from keras_sequencer import keras_compat
+from keras_sequencer.files import save_atomically
 from keras_sequencer.layers import BiLSTM2D, cudnn_disabled
 from keras_sequencer.imagenet import normalization_layer
-from keras_sequencer.weights import save_atomically
 
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic-int8")
@@ -123,7 +124,7 @@ def portable_recurrences(model):
     backend picks cuDNN at trace time whenever a GPU is visible, and a graph with
     CudnnRNN ops fails on CPU servers and in the TFLite converter. The BiLSTM2D
     layers trace the Keras route for the same reason."""
-    every_layer = list(model._flatten_layers(include_self=True, recursive=True))
+    every_layer = keras_compat.flatten_layers(model)
     # The exporters know Keras' loops, not ATen's fused RNN calls.
     routed = [(layer, layer.route) for layer in every_layer if isinstance(layer, BiLSTM2D)]
     for layer, _ in routed:
@@ -261,7 +262,7 @@ def exported_op_types(path, format):
         return ops
     if format == "tflite":
         interpreter = tflite_interpreter(path)
-        return {op["op_name"] for op in interpreter._get_ops_details()}
+        return keras_compat.litert_op_names(interpreter)
     if format == "onnx":
         import onnx
 
