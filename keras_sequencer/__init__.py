@@ -31,6 +31,11 @@ _EXPORTS = {
     "model_metadata": "models",
     "create_optimizer": "training",
     "finetune": "tasks.finetune",
+    "SequencerSegmenter": "models.segmentation",
+    "digit_scenes": "models.segmentation",
+    "load_segmentation_folder": "models.segmentation",
+    "segmentation_loss": "models.segmentation",
+    "segmentation_metrics": "models.segmentation",
     "effective_receptive_field": "tasks.erf",
     "evaluate": "tasks.evaluate",
     "resolution_sweep": "tasks.evaluate",
@@ -48,21 +53,26 @@ __all__ = [
     "Sequencer2DL",
     "Sequencer2DM",
     "Sequencer2DS",
+    "SequencerSegmenter",
     "create_model",
     "create_optimizer",
     "decode_predictions",
+    "digit_scenes",
     "export",
     "imagenet_class_names",
     "imagenet_synsets",
     "load_image",
     "preprocess_input",
     "list_models",
+    "load_segmentation_folder",
     "load_torch_state_dict",
     "model_metadata",
     "effective_receptive_field",
     "evaluate",
     "finetune",
     "resolution_sweep",
+    "segmentation_loss",
+    "segmentation_metrics",
 ]
 
 
@@ -88,7 +98,7 @@ def __dir__():
 # is, else right after `import keras` finishes, by a one-shot import hook. The
 # hook adds no import of its own: on JAX or torch nothing pulls in TensorFlow,
 # and a process that never imports keras (`--help`) never pays for it.
-_REGISTERING = ("layers", "models")
+_REGISTERING = ("layers", "models", "models.vanilla", "models.segmentation")
 
 
 def _register_serializables():

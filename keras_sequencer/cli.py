@@ -57,6 +57,9 @@ def build_parser():
     evaluate.add_argument("--image-sizes", type=int, nargs="+", default=None,
                           help="evaluate at each size (the paper's resolution figure); writes a table and a plot")
     evaluate.add_argument("--output", default="resolution", help="folder for the --image-sizes table and plot")
+    evaluate.add_argument("--timm", nargs="+", default=(), metavar="NAME",
+                          help="with --image-sizes: also evaluate these timm models (pretrained, as timm "
+                               "loads them; needs torch and timm) on the same data, for comparison")
 
     export = sub.add_parser("export", help="SavedModel, TFLite/LiteRT or ONNX for serving")
     model_options(export)
@@ -270,6 +273,13 @@ def run_evaluate(args):
     from keras_sequencer.tasks.evaluate import evaluate, resolution_sweep
 
     class_folders(args.data_dir)  # a bad folder is reported before the model loads
+    if args.timm:
+        if not args.image_sizes:
+            raise CommandError("--timm compares resolution sweeps: give --image-sizes too")
+        try:  # before keras: TensorFlow imported first makes torchvision crash the process
+            import timm  # noqa: F401
+        except ImportError:
+            raise CommandError("--timm needs torch and timm: pip install torch timm") from None
     if args.image_sizes:
         args.image_size = None
         args.dynamic_size = True
@@ -277,10 +287,12 @@ def run_evaluate(args):
     options = dict(crop_pct=loaded.crop_pct, batch_size=args.batch_size, class_names=loaded.class_names,
                    source=loaded.source)
     if args.image_sizes:
-        rows = resolution_sweep(loaded.model, args.data_dir, args.image_sizes, output_dir=args.output, **options)
+        rows = resolution_sweep(loaded.model, args.data_dir, args.image_sizes, output_dir=args.output,
+                                compare_timm=args.timm, **options)
         print(f"images: {rows[0]['images']}" + (f" (skipped {rows[0]['skipped']} unreadable)" if rows[0]["skipped"] else ""))
         for row in rows:
-            print(f"{row['image_size']:>5d} px  top-1: {row['top1']:.3f}  top-5: {row['top5']:.3f}  "
+            label = f"{row['model']:<24s} " if args.timm else ""
+            print(f"{label}{row['image_size']:>5d} px  top-1: {row['top1']:.3f}  top-5: {row['top5']:.3f}  "
                   f"relative top-1: {row['relative_top1']:.4f}")
         print(f"wrote {args.output}/resolution.csv, resolution.md and resolution.png")
         return 0

@@ -93,8 +93,9 @@ def plot_resolution(rows, reference_size, path):
     resolution-adaptability figure), from `tasks.evaluate.resolution_sweep` rows."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
-    sizes = [row["image_size"] for row in rows]
-    ax.plot(sizes, [row["relative_top1"] for row in rows], marker="o", label="Sequencer")
+    for label in dict.fromkeys(row.get("model", "Sequencer") for row in rows):
+        mine = [row for row in rows if row.get("model", "Sequencer") == label]
+        ax.plot([r["image_size"] for r in mine], [r["relative_top1"] for r in mine], marker="o", label=label)
     ax.axvline(reference_size, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("input resolution (px)")
     ax.set_ylabel(f"top-1 relative to {reference_size} px")

@@ -100,3 +100,41 @@ def test_evaluate_sizes_and_erf_commands(model, folder, tmp_path, capsys):
     assert np.load(tmp_path / "erf" / "stages_1_blocks_0.npy").shape == (24, 24)
     assert cli.main(["erf", str(folder / "one"), "--weights", path, "--layers", "nope"]) == 2
     assert "has no layer 'nope'" in capsys.readouterr().err
+
+
+def test_resolution_sweep_compares_with_timm_on_the_same_data(folder, tmp_path):
+    """timm's model with the same weights, evaluated by the sweep beside ours,
+    gives the same accuracy at every size: same data, same transform."""
+    timm_sequencer = pytest.importorskip("timm.models.sequencer")
+    import torch
+
+    torch.manual_seed(0)
+    net = timm_sequencer.Sequencer2d(
+        num_classes=3, layers=[1, 1], patch_sizes=[2, 2], embed_dims=[16, 24], hidden_sizes=[4, 6],
+        mlp_ratios=[2.0, 2.0],
+    ).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():  # non-zero head and biases
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    ours = ks.Sequencer2D(**TINY, input_shape=(None, None, 3), classes=3, name="tiny", classifier_activation=None)
+    ks.load_torch_state_dict(ours, net.state_dict())
+    ours = functional_model(ours.inputs, ours.outputs, "tiny", metadata={"class_names": CLASSES, "image_size": [24, 24]})
+    net.pretrained_cfg = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                              crop_pct=ks.model_metadata(ours)["crop_pct"])
+
+    rows = ks.resolution_sweep(ours, str(folder), [16, 24, 32], output_dir=str(tmp_path), compare_timm=[net],
+                               progress=False)
+    mine = [r for r in rows if r["model"] == "tiny"]
+    theirs = [r for r in rows if r["model"] != "tiny"]
+    assert [r["image_size"] for r in theirs] == [16, 24, 32] and theirs[0]["model"].startswith("timm")
+    assert [r["top1"] for r in mine] == [r["top1"] for r in theirs]
+    assert [r["relative_top1"] for r in mine] == [r["relative_top1"] for r in theirs]
+    with open(tmp_path / "resolution.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (tmp_path / "resolution.png").stat().st_size > 0
+
+
+def test_timm_comparison_needs_image_sizes(folder, capsys):
+    status = cli.main(["evaluate", str(folder), "--variant", "s", "--timm", "sequencer2d_s"])
+    assert status != 0
+    assert "--timm compares resolution sweeps: give --image-sizes too" in capsys.readouterr().err

@@ -51,18 +51,63 @@ def model_outputs(model, images):
     return fast_predict(model, images)
 
 
+class TimmClassifier:
+    """A timm model evaluated like ours, for the resolution figure's comparison:
+    the same eval transform (short side to size / crop_pct, centre crop, at
+    the timm model's own crop_pct), its own mean and std. `model` is a timm
+    model name (pretrained weights from the Hugging Face cache, as timm loads
+    them) or a timm `torch.nn.Module`."""
+
+    def __init__(self, model):
+        import torch
+
+        if isinstance(model, str):
+            import timm
+
+            name = model
+            try:
+                try:  # ViT-style models take any size only when asked
+                    model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
+                except TypeError:
+                    model = timm.create_model(name, pretrained=True)
+            except Exception as error:  # unknown name, no network and not cached, ...
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise DataError(f"timm could not load {name!r}: {first[:200]}") from None
+        self.label = f"timm {getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__}"
+        self.net = model.eval()
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), "float32")
+        self.std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), "float32")
+        self.crop_pct = float(cfg.get("crop_pct", 0.875))
+        self.num_classes = int(getattr(model, "num_classes", 1000))
+        self._torch = torch
+
+    def __call__(self, images):
+        x = (images / 255.0 - self.mean) / self.std
+        with self._torch.no_grad():
+            tensor = self._torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2), "float32"))
+            return self.net(tensor).numpy()
+
+
 def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, class_names=None, progress=True,
              source="the model"):
     """Top-1 and top-5 accuracy (percent) of `model` over `data_dir`, with timm's
-    eval transform at `image_size` (default: the model's). Returns a dict with
-    `top1`, `top5`, `images` and `skipped` (unreadable files)."""
+    eval transform at `image_size` (default: the model's). `model` is a Keras
+    model or a `TimmClassifier`. Returns a dict with `top1`, `top5`, `images`
+    and `skipped` (unreadable files)."""
     from tqdm.auto import tqdm
 
-    info = model_metadata(model)
-    image_size = info["image_size"] if image_size is None else image_size
-    crop_pct = info["crop_pct"] if crop_pct is None else crop_pct
-    class_names = info["class_names"] if class_names is None else class_names
-    samples = labelled_images(data_dir, class_names, model.output_shape[-1], source)
+    if isinstance(model, TimmClassifier):
+        predict, num_classes = model, model.num_classes
+        image_size = 224 if image_size is None else image_size
+        crop_pct = model.crop_pct if crop_pct is None else crop_pct
+    else:
+        info = model_metadata(model)
+        predict, num_classes = (lambda images: model_outputs(model, images)), model.output_shape[-1]
+        image_size = info["image_size"] if image_size is None else image_size
+        crop_pct = info["crop_pct"] if crop_pct is None else crop_pct
+        class_names = info["class_names"] if class_names is None else class_names
+    samples = labelled_images(data_dir, class_names, num_classes, source)
     top1 = top5 = seen = skipped = 0
     bar = tqdm(total=len(samples), unit="img", disable=not progress)
     for start in range(0, len(samples), batch_size):
@@ -74,7 +119,7 @@ def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, cla
             except DataError:
                 skipped += 1
         if images:
-            ranked = np.argsort(model_outputs(model, np.stack(images)), axis=-1)[:, ::-1]
+            ranked = np.argsort(predict(np.stack(images)), axis=-1)[:, ::-1]
             labels = np.asarray(labels)
             top1 += int((ranked[:, 0] == labels).sum())
             top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
@@ -86,13 +131,16 @@ def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, cla
     return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "images": seen, "skipped": skipped}
 
 
-def resolution_sweep(model, data_dir, image_sizes, output_dir=None, reference_size=None, **options):
+def resolution_sweep(model, data_dir, image_sizes, output_dir=None, reference_size=None, compare_timm=(),
+                     **options):
     """`evaluate` at each of `image_sizes` (the same eval transform scaled to each
     size), as in the paper's resolution-adaptability figure. Returns rows
-    `{"image_size", "top1", "top5", "images", "relative_top1"}`, where
+    `{"model", "image_size", "top1", "top5", "images", "relative_top1"}`, where
     relative_top1 is top-1 over the top-1 at `reference_size` (default: the
-    size the model was trained at, else the first size). With `output_dir`,
-    writes `resolution.csv`, `resolution.md` and `resolution.png`."""
+    size the model was trained at, else the first size). `compare_timm` adds
+    the same rows for timm models (names, or timm modules) on the same data,
+    as the paper compares Sequencer with other architectures. With
+    `output_dir`, writes `resolution.csv`, `resolution.md` and `resolution.png`."""
     info = model_metadata(model)
     if not info["dynamic_size"]:
         size = info["image_size"]
@@ -104,20 +152,27 @@ def resolution_sweep(model, data_dir, image_sizes, output_dir=None, reference_si
     small = [s for s in image_sizes if s < minimum]
     if small:
         raise DataError(f"image sizes below the model's minimum of {minimum}: {', '.join(map(str, small))}")
-    rows = []
-    for size in image_sizes:
-        result = evaluate(model, data_dir, image_size=size, **options)
-        rows.append({"image_size": size, **result})
     if reference_size is None:
         trained = info["image_size"][0]
         reference_size = trained if trained in image_sizes else image_sizes[0]
-    reference = next((r["top1"] for r in rows if r["image_size"] == reference_size), None)
-    if reference is None:
+    if reference_size not in image_sizes:
         raise DataError(f"the reference size {reference_size} is not among the sizes evaluated")
-    for row in rows:
-        row["relative_top1"] = row["top1"] / reference if reference else float("nan")
+    others = [TimmClassifier(other) if not isinstance(other, TimmClassifier) else other for other in compare_timm]
+    rows = _sweep(model, model.name, data_dir, image_sizes, reference_size, options)
+    for other in others:
+        timm_options = dict(options, crop_pct=None, class_names=None, source=other.label)
+        rows += _sweep(other, other.label, data_dir, image_sizes, reference_size, timm_options)
     if output_dir is not None:
         write_sweep(rows, output_dir, reference_size)
+    return rows
+
+
+def _sweep(model, label, data_dir, image_sizes, reference_size, options):
+    rows = [{"model": label, "image_size": size, **evaluate(model, data_dir, image_size=size, **options)}
+            for size in image_sizes]
+    reference = next(r["top1"] for r in rows if r["image_size"] == reference_size)
+    for row in rows:
+        row["relative_top1"] = row["top1"] / reference if reference else float("nan")
     return rows
 
 
@@ -125,13 +180,14 @@ def write_sweep(rows, output_dir, reference_size):
     from keras_sequencer.plots import plot_resolution
 
     os.makedirs(output_dir, exist_ok=True)
-    keys = ["image_size", "top1", "top5", "relative_top1", "images", "skipped"]
+    keys = ["model", "image_size", "top1", "top5", "relative_top1", "images", "skipped"]
     with open(os.path.join(output_dir, "resolution.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(output_dir, "resolution.md"), "w") as f:
-        f.write(f"| image size | top-1 | top-5 | top-1 relative to {reference_size} |\n|---|---|---|---|\n")
+        f.write(f"| model | image size | top-1 | top-5 | top-1 relative to {reference_size} |\n|---|---|---|---|---|\n")
         for row in rows:
-            f.write(f"| {row['image_size']} | {row['top1']:.3f} | {row['top5']:.3f} | {row['relative_top1']:.4f} |\n")
+            f.write(f"| {row['model']} | {row['image_size']} | {row['top1']:.3f} | {row['top5']:.3f} "
+                    f"| {row['relative_top1']:.4f} |\n")
     plot_resolution(rows, reference_size, os.path.join(output_dir, "resolution.png"))
