@@ -143,3 +143,23 @@ def test_the_freeing_model_walks_the_graph_itself():
     freed = keras_compat.run_graph_freeing(model, x, lambda op: op, None)
     assert freed is not None
     np.testing.assert_allclose(keras.ops.convert_to_numpy(freed), keras.ops.convert_to_numpy(model(x)), atol=1e-6)
+
+
+def test_saved_models_load_when_the_internals_are_gone(tmp_path, monkeypatch):
+    """If Keras moved the graph internals, models still build, run, save and load
+    through the public API (the workaround steps aside; the test above fails)."""
+    import keras
+    import numpy as np
+
+    from keras_sequencer.models import Sequencer2D
+
+    tiny = dict(layers=(1, 1), patch_sizes=(4, 2), embed_dims=(8, 16), hidden_sizes=(4, 8), mlp_ratios=(2.0, 2.0))
+    model = Sequencer2D(**tiny, input_shape=(16, 16, 3), classes=3)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    monkeypatch.setattr(keras_compat, "_FUNCTIONAL_ATTRIBUTES", ("_an_internal_keras_removed",))
+    loaded = keras.models.load_model(path)
+    assert keras_compat.run_graph_freeing(loaded, x, lambda op: op, None) is None
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), expected, atol=1e-5)

@@ -117,6 +117,7 @@ def run_demo(output_dir="sequencer_demo", epochs=15, batch_size=64, seed=0, verb
         classes=10,
         drop_path_rate=0.05,
         name="sequencer2d_digits",
+        default_size=DEMO_IMAGE_SIZE,  # the size its metadata says it was trained at
     )
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
     model.compile(

@@ -79,6 +79,7 @@ class TimmClassifier:
         self.mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), "float32")
         self.std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), "float32")
         self.crop_pct = float(cfg.get("crop_pct", 0.875))
+        self.interpolation = cfg.get("interpolation", "bicubic")
         self.num_classes = int(getattr(model, "num_classes", 1000))
         self._torch = torch
 
@@ -98,12 +99,13 @@ def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, cla
     from tqdm.auto import tqdm
 
     if isinstance(model, TimmClassifier):
-        predict, num_classes = model, model.num_classes
+        predict, num_classes, interpolation = model, model.num_classes, model.interpolation
         image_size = 224 if image_size is None else image_size
         crop_pct = model.crop_pct if crop_pct is None else crop_pct
     else:
         info = model_metadata(model)
         predict, num_classes = (lambda images: model_outputs(model, images)), model.output_shape[-1]
+        interpolation = info["interpolation"]
         image_size = info["image_size"] if image_size is None else image_size
         crop_pct = info["crop_pct"] if crop_pct is None else crop_pct
         class_names = info["class_names"] if class_names is None else class_names
@@ -114,7 +116,7 @@ def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, cla
         images, labels = [], []
         for path, label in samples[start : start + batch_size]:
             try:
-                images.append(load_image(path, image_size, crop_pct))
+                images.append(load_image(path, image_size, crop_pct, interpolation))
                 labels.append(label)
             except DataError:
                 skipped += 1
@@ -132,14 +134,15 @@ def evaluate(model, data_dir, image_size=None, crop_pct=None, batch_size=32, cla
 
 
 def resolution_sweep(model, data_dir, image_sizes, output_dir=None, reference_size=None, compare_timm=(),
-                     **options):
+                     label=None, **options):
     """`evaluate` at each of `image_sizes` (the same eval transform scaled to each
     size), as in the paper's resolution-adaptability figure. Returns rows
     `{"model", "image_size", "top1", "top5", "images", "relative_top1"}`, where
     relative_top1 is top-1 over the top-1 at `reference_size` (default: the
     size the model was trained at, else the first size). `compare_timm` adds
     the same rows for timm models (names, or timm modules) on the same data,
-    as the paper compares Sequencer with other architectures. With
+    as the paper compares Sequencer with other architectures. `label` names
+    the model's rows and curve (default: the model's name). With
     `output_dir`, writes `resolution.csv`, `resolution.md` and `resolution.png`."""
     info = model_metadata(model)
     if not info["dynamic_size"]:
@@ -158,7 +161,7 @@ def resolution_sweep(model, data_dir, image_sizes, output_dir=None, reference_si
     if reference_size not in image_sizes:
         raise DataError(f"the reference size {reference_size} is not among the sizes evaluated")
     others = [TimmClassifier(other) if not isinstance(other, TimmClassifier) else other for other in compare_timm]
-    rows = _sweep(model, model.name, data_dir, image_sizes, reference_size, options)
+    rows = _sweep(model, label or model.name, data_dir, image_sizes, reference_size, options)
     for other in others:
         timm_options = dict(options, crop_pct=None, class_names=None, source=other.label)
         rows += _sweep(other, other.label, data_dir, image_sizes, reference_size, timm_options)

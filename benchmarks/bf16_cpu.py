@@ -1,0 +1,129 @@
+"""bf16 on the CPU against timm (issue 13, target 2), for the current Keras backend.
+
+sequencer2d_s at 224, batch 16 (--batch), the same random weights in both
+engines (timm's state dict loaded through our converter, non-zero head).
+Engines, alternating call by call in one process, medians of --rounds:
+timm fp32, timm under torch.autocast("cpu", torch.bfloat16), Keras fp32 and
+Keras under the `mixed_bfloat16` policy. Reports images/s, the ratio of Keras
+bf16 to timm's best (fp32 or bf16), and Keras bf16's agreement with Keras fp32
+on --agreement-images inputs (max abs logit difference, top-1 agreement).
+Records the CPU and its bf16/AMX flags; writes benchmarks/results/bf16_cpu_<backend>.json.
+
+    KERAS_BACKEND=tensorflow python benchmarks/bf16_cpu.py
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import timm  # before TensorFlow: see README
+import torch
+
+import keras  # noqa: E402
+
+import keras_sequencer as ks  # noqa: E402
+
+
+def cpu():
+    name, flags = platform.processor(), set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx"))
+    return {"model": name, "flags": wanted, "bf16_hardware": "avx512_bf16" in flags or "amx_bf16" in flags}
+
+
+def keras_model(state_dict, policy, size):
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = ks.create_model("sequencer2d_s", input_shape=(size, size, 3), classifier_activation=None,
+                                include_preprocessing=False)
+        ks.load_torch_state_dict(model, state_dict)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    return model
+
+
+def keras_call(model):
+    if keras.backend.backend() == "jax":
+        return lambda x: np.asarray(model.predict(x, verbose=0, batch_size=len(x)), "float32")
+    if keras.backend.backend() == "torch":
+        def call(x):
+            with torch.no_grad():
+                return keras.ops.convert_to_numpy(keras.ops.cast(model(x, training=False), "float32"))
+        return call
+    return lambda x: keras.ops.convert_to_numpy(keras.ops.cast(model(x, training=False), "float32"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--agreement-images", type=int, default=64)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    net = timm.create_model("sequencer2d_s").eval()
+    with torch.no_grad():
+        net.head.fc.weight.normal_(0, 0.02)  # timm zeroes the head: logits would all agree trivially
+    state = net.state_dict()
+    fp32, bf16 = keras_model(state, "float32", args.size), keras_model(state, "mixed_bfloat16", args.size)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
+    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+    def timm_fp32():
+        with torch.inference_mode():
+            return net(x_torch)
+
+    def timm_bf16():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            return net(x_torch)
+
+    engines = {"timm fp32": timm_fp32, "timm bf16": timm_bf16,
+               "keras fp32": lambda: keras_call(fp32)(x), "keras bf16": lambda: keras_call(bf16)(x)}
+    for run in engines.values():  # warm-up (compilation, oneDNN primitives)
+        run()
+    times = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, run in engines.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
+    timm_best = max(speed["timm fp32"], speed["timm bf16"])
+
+    exact, low = [], []
+    for start in range(0, args.agreement_images, args.batch):
+        batch = rng.standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
+        exact.append(keras_call(fp32)(batch))
+        low.append(keras_call(bf16)(batch))
+    exact, low = np.concatenate(exact), np.concatenate(low)
+    result = {
+        "backend": keras.backend.backend(),
+        "cpu": cpu(),
+        "versions": {"keras": keras.__version__, "torch": torch.__version__, "timm": timm.__version__},
+        "batch": args.batch, "size": args.size, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+        "images_per_s": {k: round(v, 3) for k, v in speed.items()},
+        "keras_bf16_vs_timm_best": round(speed["keras bf16"] / timm_best, 3),
+        "keras_fp32_vs_timm_fp32": round(speed["keras fp32"] / speed["timm fp32"], 3),
+        "agreement": {"images": len(exact), "max_abs_logit_diff": float(np.abs(low - exact).max()),
+                      "logit_std": float(exact.std()),
+                      "top1_agreement": float((low.argmax(-1) == exact.argmax(-1)).mean())},
+    }
+    print(json.dumps(result, indent=2))
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bf16_cpu_{result['backend']}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
