@@ -31,6 +31,10 @@ _EXPORTS = {
     "model_metadata": "models",
     "create_optimizer": "training",
     "finetune": "tasks.finetune",
+    "VanillaSequencer": "models.vanilla",
+    "VSequencerS": "models.vanilla",
+    "VSequencerSH": "models.vanilla",
+    "VSequencerSPE": "models.vanilla",
     "SequencerSegmenter": "models.segmentation",
     "digit_scenes": "models.segmentation",
     "load_segmentation_folder": "models.segmentation",
@@ -54,6 +58,10 @@ __all__ = [
     "Sequencer2DM",
     "Sequencer2DS",
     "SequencerSegmenter",
+    "VSequencerS",
+    "VSequencerSH",
+    "VSequencerSPE",
+    "VanillaSequencer",
     "create_model",
     "create_optimizer",
     "decode_predictions",
@@ -98,7 +106,7 @@ def __dir__():
 # is, else right after `import keras` finishes, by a one-shot import hook. The
 # hook adds no import of its own: on JAX or torch nothing pulls in TensorFlow,
 # and a process that never imports keras (`--help`) never pays for it.
-_REGISTERING = ("layers", "models", "models.vanilla", "models.segmentation")
+_REGISTERING = ("layers", "models")
 
 
 def _register_serializables():

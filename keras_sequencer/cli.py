@@ -11,6 +11,7 @@ import sys
 import threading
 
 from keras_sequencer import registry
+from keras_sequencer.files import is_model_file
 
 VARIANTS = {"s": "sequencer2d_s", "m": "sequencer2d_m", "l": "sequencer2d_l"}
 
@@ -141,19 +142,16 @@ def _run_folder_classes(path):
 def load_model(args):
     """The model of --weights/--variant, with --image-size and --crop-pct
     overriding what the model says about itself."""
-    import keras
-
     import keras_sequencer as ks
     from keras_sequencer.models import minimum_input_size, minimum_model_input_size, model_metadata
+    from keras_sequencer.models.base import ModelFileError, load_model_file
 
     override = getattr(args, "image_size", None)
-    if str(args.weights).endswith(".keras"):
-        if not os.path.isfile(args.weights):
-            raise CommandError(f"no such model file: {args.weights}")
+    if is_model_file(args.weights):
         try:
-            model = keras.models.load_model(args.weights)
-        except Exception as error:  # Keras raises many types for foreign or damaged files
-            raise CommandError(f"cannot load {args.weights}: {str(error).splitlines()[0][:200]}") from None
+            model = load_model_file(args.weights)
+        except ModelFileError as error:
+            raise CommandError(str(error)) from None
         source = args.weights
     else:
         if args.weights not in ("imagenet", "none") and not os.path.isfile(args.weights):
@@ -181,7 +179,7 @@ def load_model(args):
             raise CommandError(f"--image-size {override} is too small for {source}: it needs at least {minimum}")
         image_size = (override, override)
     class_names = info["class_names"]
-    if class_names is None and source.endswith(".keras"):
+    if class_names is None and is_model_file(source):
         class_names = _run_folder_classes(source)
     outputs = model.output_shape[-1]
     if class_names is not None and len(class_names) != outputs:
@@ -235,7 +233,7 @@ def _labels(loaded, probs, top):
 def run_predict(args):
     from keras_sequencer.data import DataError, find_images
 
-    models = [p for p in args.images if p.endswith(".keras")]
+    models = [p for p in args.images if is_model_file(p)]
     if models:
         raise CommandError(f"{models[0]} is a model, not an image: pass it as --weights {models[0]}")
     try:

@@ -5,6 +5,12 @@ import shutil
 import time
 
 
+def is_model_file(path):
+    """Whether `path` names a whole saved Keras model (`.keras`), as opposed to
+    weights (`.weights.h5`, checkpoints)."""
+    return os.fspath(path).endswith(".keras")
+
+
 def remove(path):
     """Removes a file or a folder; a missing one is fine."""
     if os.path.isdir(path) and not os.path.islink(path):

@@ -28,7 +28,7 @@ def test_parameter_count_of_s():
     assert model.count_params() == 27_627_112
 
 
-@pytest.mark.parametrize("name", [n for n in ks.list_models() if not n.startswith("v_")])
+@pytest.mark.parametrize("name", ks.list_models())
 def test_recurrent_layers_stay_cudnn_eligible(name):
     model = ks.create_model(name, input_shape=(28, 28, 3))
     recurrent = []

@@ -1,8 +1,6 @@
 """The model builders: Sequencer2D (the paper's family), the vanilla Sequencer,
 and what they share. `create_model` builds any registered variant by name."""
 
-import importlib
-
 from keras_sequencer import registry
 from keras_sequencer.models.base import (
     FreeingFunctional,
@@ -13,15 +11,13 @@ from keras_sequencer.models.base import (
     model_metadata,
 )
 from keras_sequencer.models.sequencer2d import Sequencer2D, Sequencer2DL, Sequencer2DM, Sequencer2DS
+from keras_sequencer.models.vanilla import VanillaSequencer, VSequencerS, VSequencerSH, VSequencerSPE
 
 MODEL_CONFIGS = registry.MODEL_CONFIGS
 list_models = registry.list_models
 
-# family -> (module, builder) that makes it
-_FAMILIES = {
-    "sequencer2d": ("keras_sequencer.models.sequencer2d", "Sequencer2D"),
-    "vanilla": ("keras_sequencer.models.vanilla", "VanillaSequencer"),
-}
+# family -> the builder that makes it
+_FAMILIES = {"sequencer2d": Sequencer2D, "vanilla": VanillaSequencer}
 
 
 def create_model(name, **kwargs):
@@ -32,7 +28,6 @@ def create_model(name, **kwargs):
     `pretrained=False`.
     """
     config = registry.model_config(name)
-    module, builder = _FAMILIES[config["family"]]
     arguments = dict(config["arch"])
     arguments.update(
         default_size=config["default_size"],
@@ -41,7 +36,13 @@ def create_model(name, **kwargs):
         weights=None,
     )
     arguments.update(kwargs)
-    return getattr(importlib.import_module(module), builder)(**arguments)
+    return _FAMILIES[config["family"]](**arguments)
+
+
+# Segmentation builds on create_model; imported last so that its Keras classes
+# are registered whenever the models are.
+from keras_sequencer.models import segmentation  # noqa: E402
+from keras_sequencer.models.segmentation import SequencerSegmenter  # noqa: E402
 
 
 __all__ = [
@@ -51,6 +52,11 @@ __all__ = [
     "Sequencer2DL",
     "Sequencer2DM",
     "Sequencer2DS",
+    "SequencerSegmenter",
+    "VSequencerS",
+    "VSequencerSH",
+    "VSequencerSPE",
+    "VanillaSequencer",
     "create_model",
     "fast_predict",
     "functional_model",

@@ -40,6 +40,20 @@ class FreeingFunctional(keras.Model):
         return outputs
 
 
+class ModelFileError(ValueError):
+    """A saved model that is missing or cannot be loaded: one line."""
+
+
+def load_model_file(path):
+    """`keras.models.load_model(path)` with one-line errors."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"no such model file: {path}")
+    try:
+        return keras.models.load_model(path)
+    except Exception as error:  # Keras raises many types for foreign or damaged files
+        raise ModelFileError(f"cannot load {path} as a Keras model: {str(error).splitlines()[0][:200]}") from None
+
+
 def functional_model(inputs, outputs, name, metadata=None):
     """keras.Model(inputs, outputs, name), freeing intermediates where possible,
     carrying `metadata` (see FreeingFunctional). A one-element `inputs` list

@@ -32,10 +32,10 @@ import numpy as np
 
 from keras_sequencer import registry
 from keras_sequencer.data import DataError, load_image, scan_image_folder, stratified_split
-from keras_sequencer.files import save_atomically
+from keras_sequencer.files import is_model_file, save_atomically
 from keras_sequencer.layers import has_gpu
 from keras_sequencer.models import create_model, functional_model, minimum_model_input_size, model_metadata
-from keras_sequencer.models.base import classifier_head, minimum_input_size
+from keras_sequencer.models.base import ModelFileError, classifier_head, load_model_file, minimum_input_size
 from keras_sequencer.plots import plot_confusion_matrix, plot_history_csv
 from keras_sequencer.training import augmentation, classification_loss, create_optimizer
 
@@ -220,13 +220,6 @@ def distribution_scope(distribute):
 
 
 # ---------------------------------------------------------------- model
-
-
-def _load_keras_model(path):
-    try:
-        return keras.models.load_model(path)
-    except Exception as error:  # Keras raises many types for foreign or damaged files
-        raise FinetuneError(f"cannot load {path} as a Keras model: {str(error).splitlines()[0][:200]}") from None
 
 
 def build_model(settings, class_names, start=None):
@@ -501,8 +494,11 @@ def _check_settings(settings):
     if weights not in ("none", "imagenet") and not os.path.isfile(weights):
         raise FinetuneError(f"no such weights file: {weights}")
     start = None
-    if weights.endswith(".keras"):
-        start = _load_keras_model(weights)
+    if is_model_file(weights):
+        try:
+            start = load_model_file(weights)
+        except ModelFileError as error:
+            raise FinetuneError(str(error)) from None
         info = model_metadata(start)
         if settings["image_size"] is None or not info["dynamic_size"]:
             if settings["image_size"] not in (None, list(info["image_size"])):

@@ -75,10 +75,17 @@ def load_keras_weights(model, path):
     the head rule of checkpoints: a model without a top takes a file with one
     (the head is not read); a model with a top needs the file's head, with the
     same classes. On any mismatch one short line says why, naming the variant
-    the file looks like. Keras may have assigned some layers by then: the
-    builders, its only callers, never return such a model."""
+    the file looks like; the file's blocks and head are compared with the
+    model's before anything is assigned."""
     import warnings
 
+    found, mine = _block_signatures(path), _signatures_of(model)
+    head = next((layer for layer in model.layers if layer.name == registry.HEAD), None)
+    if found is not None and mine and (
+        found[: len(mine)] != mine
+        or (head is not None and (len(found) != len(mine) or (_head_shape(path) or (None,))[-1] != head.units))
+    ):
+        raise CheckpointMismatchError(_weights_file_mismatch(model, path, None))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Keras' note that the file holds more (the head)

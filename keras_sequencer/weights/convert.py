@@ -10,7 +10,6 @@ are read in timm's layout (`normalize_state_dict`).
 import re
 from collections.abc import Mapping
 
-import keras
 import numpy as np
 
 from keras_sequencer import registry
@@ -137,7 +136,7 @@ def _conv_rows(layer, prefix):
 
 
 def _block_rows(block, prefix):
-    if isinstance(block.rnn_tokens, keras.layers.Bidirectional):
+    if hasattr(block.rnn_tokens, "forward_layer"):  # one Bidirectional: the vanilla block
         return _vanilla_block_rows(block, prefix)
     rows = _norm_rows(block.norm1, f"{prefix}.norm1")
     bilstm = block.rnn_tokens
