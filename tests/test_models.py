@@ -35,6 +35,8 @@ def test_recurrent_layers_stay_cudnn_eligible(name):
     for layer in model.layers:
         if isinstance(layer, ks.Sequencer2DBlock):
             recurrent += layer.rnn_tokens.recurrent_layers()
+        elif isinstance(layer, ks.models.vanilla.VanillaSequencerBlock):
+            recurrent += [layer.rnn_tokens.forward_layer, layer.rnn_tokens.backward_layer]
     assert recurrent
     for rnn in recurrent:
         cell = rnn.cell

@@ -1,12 +1,14 @@
 """What every Sequencer model shares: the model class, its metadata, the
 argument checks of the `keras.applications` signature, and the one head builder."""
 
+import contextlib
 import os
 
 import keras
 
 from keras_sequencer import keras_compat, registry
-from keras_sequencer.imagenet import DEFAULT_CROP_PCT
+from keras_sequencer.imagenet import DEFAULT_CROP_PCT, normalization_layer
+from keras_sequencer.layers import LAYER_NORM_EPSILON
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -195,6 +197,29 @@ def model_input(input_shape, input_tensor):
         image = keras.Input(tensor=input_tensor, shape=input_shape)
         return image, image
     return input_tensor, keras.utils.get_source_inputs(input_tensor)
+
+
+def building(fill):
+    """The context a builder builds its layers in: when weights will fill every
+    variable next (`fill`), initializers are not drawn."""
+    return keras_compat.initializers_skipped() if fill is not None else contextlib.nullcontext()
+
+
+def image_input(input_shape, input_tensor, include_preprocessing):
+    """(the tensor the stages start from, the model's inputs): RGB in [0, 255]
+    normalised as timm does when `include_preprocessing`."""
+    x, inputs = model_input(input_shape, input_tensor)
+    if include_preprocessing:
+        x = normalization_layer(name=registry.PREPROCESSING)(x)
+    return x, inputs
+
+
+def top(x, include_top, pooling, classes, drop_rate, classifier_activation):
+    """The final norm, then the head (include_top) or the `pooling` option."""
+    x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=registry.NORM)(x)
+    if include_top:
+        return classifier_head(x, classes, drop_rate, classifier_activation)
+    return pooled(x, pooling)
 
 
 def classifier_head(x, classes, drop_rate=0.0, classifier_activation="softmax", name_prefix=""):

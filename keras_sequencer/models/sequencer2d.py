@@ -1,23 +1,21 @@
 """The Sequencer2D builder (the paper's S/M/L and the authors' ablations) in
 the `keras.applications` style, and `features_only` feature extractors."""
 
-import contextlib
 import numbers
 
 import keras
 
-from keras_sequencer import keras_compat, registry
+from keras_sequencer import registry
 from keras_sequencer import weights as weights_lib
-from keras_sequencer.imagenet import normalization_layer
-from keras_sequencer.layers import LAYER_NORM_EPSILON, RNN_TYPES, UNIONS, Sequencer2DBlock, select_route
+from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock, select_route
 from keras_sequencer.models.base import (
-    classifier_head,
+    building,
     drop_path_rates,
     functional_model,
+    image_input,
     minimum_input_size,
-    model_input,
-    pooled,
     resolve_input_shape,
+    top,
     validate_head_arguments,
 )
 
@@ -116,10 +114,8 @@ def Sequencer2D(
     # bad file is reported at once.
     fill = weights_lib.weights_loader(weights, weights_variant)
 
-    with keras_compat.initializers_skipped() if fill is not None else contextlib.nullcontext():
-        x, inputs = model_input(input_shape, input_tensor)
-        if include_preprocessing:
-            x = normalization_layer(name=registry.PREPROCESSING)(x)  # RGB [0, 255] in, as timm normalises
+    with building(fill):
+        x, inputs = image_input(input_shape, input_tensor, include_preprocessing)
         # A features_only model stops after its last chosen stage, as timm's does.
         last_stage = len(layers) - 1 if take is None else max(take)
         stage_outputs, feature_info = _stages(
@@ -133,11 +129,7 @@ def Sequencer2D(
             metadata["feature_info"] = [feature_info[i] for i in take]
             model = functional_model(inputs, [stage_outputs[i] for i in take], name, metadata=metadata)
         else:
-            x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=registry.NORM)(stage_outputs[-1])
-            if include_top:
-                x = classifier_head(x, classes, drop_rate, classifier_activation)
-            else:
-                x = pooled(x, pooling)
+            x = top(stage_outputs[-1], include_top, pooling, classes, drop_rate, classifier_activation)
             model = functional_model(inputs, x, name, metadata=metadata)
     if fill is not None:
         fill(model)

@@ -3,14 +3,12 @@ Sequencer2D block with BiLSTM2D replaced by one bidirectional LSTM over the
 token sequence flattened row-major, and an optional absolute position
 embedding. No ImageNet weights are published for it."""
 
-import contextlib
 
 import keras
 from keras import layers, ops
 
 from keras_sequencer import keras_compat, registry
 from keras_sequencer import weights as weights_lib
-from keras_sequencer.imagenet import normalization_layer
 from keras_sequencer.layers import (
     LAYER_NORM_EPSILON,
     BiasFusedDense,
@@ -24,13 +22,13 @@ from keras_sequencer.layers import (
     torch_fused_rnn,
 )
 from keras_sequencer.models.base import (
-    classifier_head,
+    building,
     drop_path_rates,
     functional_model,
+    image_input,
     minimum_input_size,
-    model_input,
-    pooled,
     resolve_input_shape,
+    top,
     validate_head_arguments,
 )
 
@@ -260,21 +258,15 @@ def VanillaSequencer(
     # Fetched and read before the (slow) build, so that a bad file is reported at once.
     fill = weights_lib.weights_loader(weights, weights_variant)
 
-    with keras_compat.initializers_skipped() if fill is not None else contextlib.nullcontext():
-        x, inputs = model_input(input_shape, input_tensor)
-        if include_preprocessing:
-            x = normalization_layer(name=registry.PREPROCESSING)(x)  # RGB [0, 255] in, as timm normalises
+    with building(fill):
+        x, inputs = image_input(input_shape, input_tensor, include_preprocessing)
         x = _patch_embedding(x, embed_dims[0], patch_sizes[0], registry.STEM)
         if ape:
             grid = default_size // patch_sizes[0]
             x = AbsolutePositionEmbedding((grid, grid), name=registry.POSITION_EMBEDDING)(x)
         x = _stages(x, layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios,
                     dict(drop_rate=drop_rate, rnn_route=rnn_route), drop_path_rates(layers, drop_path_rate))
-        x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=registry.NORM)(x)
-        if include_top:
-            x = classifier_head(x, classes, drop_rate, classifier_activation)
-        else:
-            x = pooled(x, pooling)
+        x = top(x, include_top, pooling, classes, drop_rate, classifier_activation)
         model = functional_model(inputs, x, name, metadata={"image_size": [default_size, default_size]})
     if fill is not None:
         fill(model)
