@@ -38,6 +38,11 @@ INTERNALS = {
         "keras.layers",
         "Layer._flatten_layers",
     ),
+    "layer called flag": (
+        "the torch whole-block path (layers.Sequencer2DBlock.__call__) marks a block called as Keras would",
+        "keras.layers",
+        "Layer()._called",
+    ),
     "optimizer gradient hooks": (
         "PyTorch-style AdamW steps (training.PyTorchAdamW)",
         "keras.optimizers",
@@ -56,7 +61,10 @@ _FUNCTIONAL_ATTRIBUTES = ("_nodes_by_depth", "_get_operation_for_node", "_output
 def _resolve(module, path):
     value = importlib.import_module(module)
     for part in path.split("."):
-        value = getattr(value, part)
+        if part.endswith("()"):  # an attribute of an instance
+            value = getattr(value, part[:-2])()
+        else:
+            value = getattr(value, part)
     return value
 
 
@@ -161,6 +169,13 @@ def flatten_layers(layer):
     """`layer` and every layer nested in it, at any depth (Keras lists only a
     model's direct layers publicly)."""
     return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def mark_called(layer):
+    """What Keras' `Layer.__call__` records on a layer's first call (its
+    `_called` flag), for a call that bypasses `__call__`."""
+    if not layer._called:
+        layer._called = True
 
 
 def litert_op_names(interpreter):

@@ -255,6 +255,173 @@ def torch_fused_rnn(rnn, rnn_type, sequences):
     return torch._VF.rnn_tanh(sequences, h0, *args)[0]
 
 
+class _WeightCache:
+    """One axis' recurrent weights in PyTorch's layout as contiguous copies, for
+    calls without autograd (oneDNN's LSTM takes transposed views, but copies
+    them strided on every call). Rebuilt whenever a variable's tensor or its
+    in-place version counter changes (assign, optimizer steps, a stateless
+    scope's values); the sources are held, so identity checks are sound."""
+
+    def __init__(self):
+        self.sources = ()
+        self.versions = ()
+        self.params = None
+
+    def clear(self):
+        self.sources, self.versions, self.params = (), (), None
+
+
+def _direction_params(cell, rnn_type, contiguous=False):
+    """One direction's float32 variables as PyTorch's (w_ih, w_hh, b_ih, b_hh),
+    without Keras ops (the dtype policy is plain float32 here)."""
+    import torch
+
+    kernel, recurrent, bias = cell.kernel.value.T, cell.recurrent_kernel.value.T, cell.bias.value
+    if rnn_type == "gru":
+        units = cell.units
+        swap = [_swap_first_two_gates(w, units) for w in (kernel, recurrent, bias[0], bias[1])]
+        return [w.contiguous() for w in swap] if contiguous else swap
+    if contiguous or kernel.is_cuda:  # cuDNN views the weights flat
+        kernel, recurrent = kernel.contiguous(), recurrent.contiguous()
+    if contiguous:
+        bias = bias.clone()
+    return [kernel, recurrent, bias, torch.zeros_like(bias)]
+
+
+def _torch_rnn_weights(rnn, rnn_type, cache):
+    import torch
+
+    cells = [direction.cell for direction in directions_of(rnn)]
+    if torch.is_grad_enabled():
+        return [w for cell in cells for w in _direction_params(cell, rnn_type)]
+    sources = tuple(v.value for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
+    versions = tuple(t._version for t in sources)
+    if sources[0].is_meta:
+        return [w for cell in cells for w in _direction_params(cell, rnn_type)]
+    same = len(sources) == len(cache.sources) and all(a is b for a, b in zip(sources, cache.sources))
+    if not (same and versions == cache.versions):
+        cache.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            cache.params = [w for cell in cells for w in _direction_params(cell, rnn_type, contiguous=True)]
+        cache.sources, cache.versions = sources, versions
+    return cache.params
+
+
+def _torch_rnn(rnn, rnn_type, sequences, weights):
+    """torch_fused_rnn with the weights already in PyTorch's form."""
+    import torch
+
+    directions = 2 if isinstance(rnn, layers.Bidirectional) else 1
+    units = rnn.forward_layer.cell.units if directions == 2 else rnn.cell.units
+    h0 = sequences.new_zeros((directions, sequences.shape[0], units))
+    args = (weights, True, 1, 0.0, torch.is_grad_enabled(), directions == 2, True)
+    if rnn_type == "lstm":
+        return torch._VF.lstm(sequences, (h0, h0), *args)[0]
+    if rnn_type == "gru":
+        return torch._VF.gru(sequences, h0, *args)[0]
+    return torch._VF.rnn_tanh(sequences, h0, *args)[0]
+
+
+def _fused_sublayers(layer):
+    """The layer and every sublayer whose arithmetic the fused form runs (kept
+    once built: the sublayers are made in __init__ and build)."""
+    sublayers = layer.__dict__.get("_fused_sublayer_list")
+    if sublayers is None:
+        block = layer if isinstance(layer, Sequencer2DBlock) else None
+        tokens = block.rnn_tokens if block is not None else layer
+        sublayers = [layer, tokens, *tokens.recurrent_layers()]
+        if tokens.with_fc:
+            sublayers.append(tokens.fc)  # None until built: blocks the fused form
+        if block is not None:
+            sublayers += [block.norm1, block.norm2, block.fc1, block.fc2]
+        if layer.built:
+            layer.__dict__["_fused_sublayer_list"] = sublayers = tuple(sublayers)
+    return sublayers
+
+
+def fused_call_blockers(layer, training=None, inputs=None):
+    """Why a BiLSTM2D or Sequencer2DBlock cannot run its sublayers' arithmetic
+    in one call with torch ops (the "fused" route's whole-layer form); an empty
+    list when it can. Whatever needs Keras' per-layer path makes it step aside:
+    another backend or route, a dtype policy other than plain float32 (mixed
+    precision, quantization), LoRA, torch autocast, a keras.distribution, and
+    dropout or drop path active in training."""
+    if keras.backend.backend() != "torch":
+        return ["backend"]
+    blockers = []
+    block = layer if isinstance(layer, Sequencer2DBlock) else None
+    tokens = block.rnn_tokens if block is not None else layer
+    if tokens.selected_route != "fused":
+        blockers.append("route")
+    if block is not None and training and (block.drop_path_rate > 0 or block.drop_rate > 0):
+        blockers.append("training with dropout or drop path")
+    sublayers = _fused_sublayers(layer)
+    if None in sublayers or any(sub.dtype_policy.name != "float32" for sub in sublayers):
+        blockers.append("dtype policy or quantization")
+    if any(sub.lora_enabled for sub in sublayers if isinstance(sub, layers.Dense)):
+        blockers.append("LoRA")
+    if keras.distribution.distribution() is not None:
+        blockers.append("distribution")
+    import torch
+
+    device = getattr(inputs, "device", None)
+    if torch.is_autocast_enabled(device.type if device is not None and device.type != "meta" else "cpu"):
+        blockers.append("autocast")
+    return blockers
+
+
+def _eager_float32_torch(x):
+    import torch
+
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dtype == torch.float32
+        and x.ndim == 4
+        and not x.is_meta
+        and getattr(x, "_keras_mask", None) is None
+    )
+
+
+def _torch_bilstm2d(layer, x):
+    """BiLSTM2D.call with torch ops only, on the layer's own variables."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, height, width, channels = x.shape
+    outputs = []
+    if layer.with_vertical:
+        v = x.transpose(1, 2).reshape(-1, height, channels)
+        v = _torch_rnn(layer.rnn_v, layer.rnn_type, v, _torch_rnn_weights(layer.rnn_v, layer.rnn_type, layer._cache_v))
+        outputs.append(v.reshape(batch, width, height, layer.output_size).transpose(1, 2))
+    if layer.with_horizontal:
+        h = x.reshape(-1, width, channels)
+        h = _torch_rnn(layer.rnn_h, layer.rnn_type, h, _torch_rnn_weights(layer.rnn_h, layer.rnn_type, layer._cache_h))
+        outputs.append(h.reshape(batch, height, width, layer.output_size))
+    if len(outputs) == 2:
+        x = torch.cat(outputs, dim=-1) if layer.union == "cat" else outputs[0] + outputs[1]
+    else:
+        x = outputs[0]
+    if layer.fc is not None:
+        x = F.linear(x, layer.fc.kernel.value.T, layer.fc.bias.value)
+    return x
+
+
+def _torch_block(block, x):
+    """Sequencer2DBlock.call with torch ops only: one Keras layer call instead
+    of seven. Inference, or training without dropout and drop path."""
+    import torch.nn.functional as F
+
+    shape = (x.shape[-1],)
+    # The sublayers, from the tuple kept at the first call (fewer
+    # torch.nn.Module attribute look-ups).
+    _, tokens, *_, n1, n2, fc1, fc2 = _fused_sublayers(block)
+    y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
+    x = x + _torch_bilstm2d(tokens, y)
+    y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
+    y = F.gelu(F.linear(y, fc1.kernel.value.T, fc1.bias.value))
+    return x + F.linear(y, fc2.kernel.value.T, fc2.bias.value)
+
+
 def gelu_exact(x):
     """timm's nn.GELU (the exact erf form). TensorFlow's own gelu is written with
     Erfc, which tf2onnx cannot convert, so on TensorFlow it is spelled with Erf
@@ -345,6 +512,7 @@ class BiLSTM2D(layers.Layer):
         self.rnn_v = self._make_rnn("rnn_v") if self.with_vertical else None
         self.rnn_h = self._make_rnn("rnn_h") if self.with_horizontal else None
         self.fc = None
+        self._cache_v, self._cache_h = _WeightCache(), _WeightCache()
 
     @property
     def route(self):
@@ -403,6 +571,9 @@ class BiLSTM2D(layers.Layer):
             self.fc.build(tuple(input_shape[:-1]) + (self.union_size,))
 
     def call(self, x):
+        if self.selected_route == "fused" and keras.backend.backend() == "torch":
+            if not fused_call_blockers(self, inputs=x):
+                return _torch_bilstm2d(self, x)
         shape = ops.shape(x)
         batch, height, width, channels = shape[0], shape[1], shape[2], x.shape[-1]
         outputs = []
@@ -514,7 +685,30 @@ class Sequencer2DBlock(layers.Layer):
         self.fc2 = BiasFusedDense(dim, bias_initializer=mlp_bias, name="fc2", dtype=policy)
         self.fc2.build(tuple(input_shape[:-1]) + (int(self.mlp_ratio * dim),))
 
+    def __call__(self, *args, **kwargs):
+        # The fused route's whole-block form on torch skips Keras' per-call
+        # machinery too, where none of it applies: an eager call on a built
+        # block with one float32 torch tensor (not a symbolic or meta one) and
+        # at most `training`, known whenever dropout or drop path could act.
+        if (
+            len(args) == 1
+            and keras.backend.backend() == "torch"
+            and self.built
+            and self.rnn_tokens.selected_route == "fused"
+            and kwargs.keys() <= {"training"}
+            and _eager_float32_torch(args[0])
+        ):
+            training = kwargs.get("training")
+            undecided = training is None and (self.drop_path_rate > 0 or self.drop_rate > 0)
+            if not undecided and not fused_call_blockers(self, training, inputs=args[0]):
+                keras_compat.mark_called(self)
+                return _torch_block(self, args[0])
+        return super().__call__(*args, **kwargs)
+
     def call(self, x, training=None):
+        if self.rnn_tokens.selected_route == "fused" and keras.backend.backend() == "torch":
+            if not fused_call_blockers(self, training, inputs=x):
+                return _torch_block(self, x)
         # Identity layers are not called: each Keras layer call costs ~170 us on
         # torch, and these four were 4% of a batch-1 forward pass.
         drop_path = self.drop_path if training and self.drop_path_rate > 0 else _identity

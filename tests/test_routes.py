@@ -162,3 +162,172 @@ def test_bfloat16_on_jax_keeps_off_the_cudnn_kernel(rng):
     assert got.dtype == "bfloat16"
     np.testing.assert_array_equal(np.asarray(got, dtype="float32"), expected)
     assert all(rnn.use_cudnn == "auto" for rnn in layer.recurrent_layers())  # restored
+
+
+# The fused route's whole-block form on torch: a Sequencer2DBlock runs its
+# sublayers' arithmetic with torch ops in one call, and steps aside for anything
+# that needs Keras' per-layer path.
+torch_only = pytest.mark.skipif(BACKEND != "torch", reason="the whole-block form is torch's")
+
+
+def _block(rng, hidden=6, **kwargs):
+    block = ks.Sequencer2DBlock(hidden, mlp_ratio=2.0, **kwargs)
+    block.build((2, 5, 7, 10))
+    for variable in block.trainable_variables:
+        variable.assign(rng.normal(scale=0.4, size=variable.shape).astype("float32"))
+    return block
+
+
+@pytest.fixture
+def block_form(monkeypatch):
+    """Counts whole-block calls; `force_per_layer()` makes every block step aside."""
+    from keras_sequencer import layers as layers_module
+
+    calls = []
+    original = layers_module._torch_block
+
+    def counted(block, x):
+        calls.append(block.name)
+        return original(block, x)
+
+    monkeypatch.setattr(layers_module, "_torch_block", counted)
+
+    def force_per_layer():
+        monkeypatch.setattr(layers_module, "fused_call_blockers", lambda *a, **k: ["forced"])
+
+    return calls, force_per_layer
+
+
+def test_whole_block_form_is_torch_only():
+    block = ks.Sequencer2DBlock(4)
+    block.build((1, 3, 3, 8))
+    blockers = ks.layers.fused_call_blockers(block)
+    if BACKEND == "torch":
+        assert blockers == ([] if block.rnn_tokens.selected_route == "fused" else ["route"])
+    else:
+        assert blockers == ["backend"]
+
+
+@torch_only
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(rnn_type="gru"), dict(rnn_type="rnn", union="horizontal"),
+    dict(bidirectional=False, union="add"), dict(union="vertical", drop_path_rate=0.2, drop_rate=0.1),
+    dict(hidden=5, union="add", with_fc=False),
+])
+def test_whole_block_form_matches_per_layer_path_with_gradients(kwargs, rng, block_form):
+    calls, force_per_layer = block_form
+    block = _block(rng, rnn_route="fused", **kwargs)
+    assert ks.layers.fused_call_blockers(block) == []
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+    # Small loss weights keep the summed gradients near 1, where 1e-5 is float32's reach.
+    weights = rng.normal(scale=0.05, size=x.shape).astype("float32")
+    fast = _outputs_and_gradients(block, x, weights)  # training unset: inference, drops are off
+    assert calls == [block.name]
+    block.rnn_tokens.route = "keras"
+    keras_route = _outputs_and_gradients(block, x, weights)
+    block.rnn_tokens.route = "fused"
+    force_per_layer()
+    per_layer = _outputs_and_gradients(block, x, weights)
+    assert calls == [block.name]  # the other two ran layer by layer
+    names = ["outputs", "d inputs"] + [v.path for v in block.trainable_variables]
+    for reference in (per_layer, keras_route):
+        for name, got, expected in zip(names, fast, reference):
+            assert np.abs(expected).max() > 1e-3, name
+            assert np.abs(got - expected).max() <= TOLERANCE, (name, np.abs(got - expected).max())
+
+
+@torch_only
+def test_whole_block_form_without_autograd_follows_assignments(rng, block_form):
+    import torch
+
+    calls, _ = block_form
+    block = _block(rng, rnn_route="fused")
+    x = torch.from_numpy(rng.normal(size=(2, 5, 7, 10)).astype("float32"))
+    reference_block = _block(rng, rnn_route="keras")
+    for step in range(3):  # cached weight copies must follow every change
+        reference_block.set_weights(block.get_weights())
+        with torch.inference_mode():
+            got = block(x).numpy()
+        with torch.no_grad():
+            expected = reference_block(x).numpy()
+            again = block(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=TOLERANCE)
+        np.testing.assert_allclose(again, expected, atol=TOLERANCE)
+        kernel = block.rnn_tokens.rnn_v.forward_layer.cell.kernel
+        kernel.assign(kernel.numpy() + 0.1 * (step + 1))
+    assert len(calls) == 6
+
+
+@torch_only
+def test_whole_block_form_steps_aside_for_training_time_drops(rng, block_form):
+    calls, _ = block_form
+    block = _block(rng, rnn_route="fused", drop_path_rate=0.5, drop_rate=0.25)
+    x = rng.normal(size=(16, 5, 7, 10)).astype("float32")
+    assert "training with dropout or drop path" in ks.layers.fused_call_blockers(block, training=True)
+    trained = keras.ops.convert_to_numpy(block(x, training=True))
+    assert calls == []
+    inference = keras.ops.convert_to_numpy(block(x, training=False))
+    assert calls == [block.name]
+    assert np.abs(trained - inference).max() > 1e-3  # the drops really acted
+    quiet = _block(rng, rnn_route="fused")  # no drops: training takes the whole-block form too
+    quiet(x, training=True)
+    assert calls == [block.name, quiet.name]
+
+
+@torch_only
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_whole_block_form_steps_aside_for_mixed_precision(policy, rng, block_form):
+    calls, _ = block_form
+    block = ks.Sequencer2DBlock(4, rnn_route="fused", dtype=policy)
+    x = rng.normal(size=(1, 3, 3, 8)).astype("float32")
+    y = block(x)
+    assert calls == [] and keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
+    assert "dtype policy or quantization" in ks.layers.fused_call_blockers(block)
+
+
+@torch_only
+def test_whole_block_form_steps_aside_for_autocast_and_distribution(rng, block_form, monkeypatch):
+    import torch
+
+    calls, _ = block_form
+    block = _block(rng, rnn_route="fused")
+    x = torch.from_numpy(rng.normal(size=(1, 5, 7, 10)).astype("float32"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ks.layers.fused_call_blockers(block, inputs=x) == ["autocast"]
+        block(x)
+    assert calls == []
+    monkeypatch.setattr(keras.distribution, "distribution", lambda: object())
+    assert ks.layers.fused_call_blockers(block, inputs=x) == ["distribution"]
+    block(x)
+    assert calls == []
+
+
+@torch_only
+def test_whole_block_form_steps_aside_for_lora(rng, block_form):
+    calls, _ = block_form
+    block = _block(rng, rnn_route="fused")
+    x = rng.normal(size=(1, 5, 7, 10)).astype("float32")
+    before = keras.ops.convert_to_numpy(block(x))
+    block.fc1.enable_lora(2)
+    block.fc1.lora_kernel_b.assign(np.full(block.fc1.lora_kernel_b.shape, 0.5, "float32"))
+    assert ks.layers.fused_call_blockers(block) == ["LoRA"]
+    after = keras.ops.convert_to_numpy(block(x))
+    assert calls == [block.name]  # only the first call
+    assert np.abs(after - before).max() > 1e-3  # the LoRA update is applied
+
+
+@torch_only
+def test_whole_block_form_steps_aside_for_int8_quantized_sublayers(rng, block_form):
+    calls, _ = block_form
+    block = _block(rng, rnn_route="fused")
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+    before = keras.ops.convert_to_numpy(block(x))
+    assert calls == [block.name]
+    # Keras' model.quantize skips Dense subclasses (type_check); quantize the
+    # block's Dense layers as it would quantize a Dense.
+    for dense in (block.fc1, block.fc2, block.rnn_tokens.fc):
+        dense.quantize("int8", type_check=False)
+    assert ks.layers.fused_call_blockers(block) == ["dtype policy or quantization"]
+    after = keras.ops.convert_to_numpy(block(x))
+    assert calls == [block.name]
+    assert 0 < np.abs(after - before).max() < 0.05 * np.abs(before).max()  # int8 stays close
