@@ -48,6 +48,11 @@ INTERNALS = {
         "keras.optimizers",
         "Optimizer._backend_apply_gradients",
     ),
+    "optimizer update hook": (
+        "PyTorch-style AdamW steps fused with torch._foreach_* on torch (training.PyTorchAdamW)",
+        "keras.optimizers",
+        "Optimizer._backend_update_step",
+    ),
     "optimizer gradient clipping": (
         "PyTorch-style AdamW steps (training.PyTorchAdamW)",
         "keras.optimizers",

@@ -145,6 +145,44 @@ class PyTorchAdamW(keras.optimizers.AdamW):
             step_size = step_size * 2.0  # bias_ih and bias_hh each take this step
         self.assign_sub(variable, ops.divide(ops.multiply(m, step_size), denominator))
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # On torch, Keras' own Adam runs as fused `torch._foreach_*` calls over all
+        # variables, where an `update_step` override runs Keras ops one variable
+        # at a time. This is that step fused, as torch.optim.AdamW's foreach form.
+        if keras.backend.backend() != "torch":
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        import torch
+
+        with torch.no_grad():
+            groups = {True: ([], [], [], [], []), False: ([], [], [], [], [])}
+            for grad, variable in zip(grads, trainable_variables):
+                index = self._get_variable_index(variable)
+                group = groups[self._is_split_bias(variable)]
+                group[0].append(variable.value)
+                group[1].append(grad.to(variable.value.dtype))
+                group[2].append(self._momentums[index].value)
+                group[3].append(self._velocities[index].value)
+                if self.amsgrad:
+                    group[4].append(self._velocity_hats[index].value)
+            step = float(self.iterations.value) + 1.0
+            lr = float(learning_rate.value if hasattr(learning_rate, "value") else learning_rate)
+            bias_correction_1 = 1.0 - self.beta_1**step
+            bias_correction_2_sqrt = (1.0 - self.beta_2**step) ** 0.5
+            for split, (params, grads_, ms, vs, v_hats) in groups.items():
+                if not params:
+                    continue
+                torch._foreach_lerp_(ms, grads_, 1.0 - self.beta_1)
+                torch._foreach_mul_(vs, self.beta_2)
+                torch._foreach_addcmul_(vs, grads_, grads_, value=1.0 - self.beta_2)
+                if self.amsgrad:
+                    torch._foreach_maximum_(v_hats, vs)
+                    vs = v_hats
+                denominators = torch._foreach_sqrt(vs)
+                torch._foreach_div_(denominators, bias_correction_2_sqrt)
+                torch._foreach_add_(denominators, self.epsilon)
+                step_size = lr / bias_correction_1 * (2.0 if split else 1.0)
+                torch._foreach_addcdiv_(params, ms, denominators, value=-step_size)
+
     # Clipping sees gradients without their variables; remember them.
     def _backend_apply_gradients(self, grads, trainable_variables):
         self._marks.clip_variables = list(trainable_variables)

@@ -250,3 +250,23 @@ def test_loss_scale_optimizer_wraps_it():
     assert np.isfinite(loss)
     after = [keras.ops.convert_to_numpy(b) for b in split_rnn_biases(model)]
     assert all(np.abs(a - b).max() > 0 for a, b in zip(after, before))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the fused (torch._foreach) step is torch's")
+def test_torch_fused_step_equals_the_per_variable_step():
+    """On torch PyTorchAdamW steps all variables with torch._foreach_* calls;
+    Keras' per-variable loop over `update_step` is the reference."""
+    (_, fused), (_, looped) = _pair("lstm"), _pair("lstm")
+    optimizers = [create_optimizer(m, 1e-2, weight_decay=WEIGHT_DECAY, total_steps=10, warmup_steps=2)
+                  for m in (fused, looped)]
+    per_variable = super(PyTorchAdamW, optimizers[1])._backend_update_step
+    optimizers[1]._backend_update_step = per_variable
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        grads = [rng.standard_normal(tuple(v.shape)).astype("float32") for v in fused.trainable_variables]
+        for optimizer, model in zip(optimizers, (fused, looped)):
+            optimizer.apply_gradients(zip([keras.ops.convert_to_tensor(g) for g in grads], model.trainable_variables))
+    assert optimizers[0]._marks.split_keys  # the doubled step of the LSTM biases is exercised
+    for a, b in zip(fused.trainable_variables, looped.trainable_variables):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), atol=1e-6,
+                                   err_msg=a.path)
