@@ -60,7 +60,7 @@ INTERNALS = {
     ),
 }
 # Attributes of a built functional model that the graph walk reads.
-_FUNCTIONAL_ATTRIBUTES = ("_nodes_by_depth", "_get_operation_for_node", "_outputs_struct")
+_FUNCTIONAL_ATTRIBUTES = ("_nodes_by_depth", "_outputs_struct")
 
 
 def _resolve(module, path):
@@ -112,7 +112,10 @@ def run_graph_freeing(model, inputs, operation_fn, call_fn):
         if any(id(x) not in tensor_dict for x in node.input_tensors):
             continue  # not computable, as Keras skips it
         args, kwargs = node.arguments.fill_in(tensor_dict)
-        op = operation_fn(node.operation if call_fn is not None else model._get_operation_for_node(node))
+        op = node.operation
+        if call_fn is None and hasattr(model, "_get_operation_for_node"):  # Keras >= 3.11
+            op = model._get_operation_for_node(node)
+        op = operation_fn(op)
         outputs = call_fn(op, *args, **kwargs) if call_fn is not None else op(*args, **kwargs)
         del args, kwargs
         for x, y in zip(node.outputs, keras.tree.flatten(outputs)):

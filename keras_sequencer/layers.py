@@ -3,6 +3,7 @@
 import contextlib
 import math
 import warnings
+import weakref
 
 import keras
 from keras import layers, ops
@@ -322,10 +323,15 @@ def _torch_rnn(rnn, rnn_type, sequences, weights):
     return torch._VF.rnn_tanh(sequences, h0, *args)[0]
 
 
+# layer -> its fused sublayers, kept outside the layer: a tuple holding the
+# layer itself among its attributes sends Keras' saver round in circles.
+_FUSED_SUBLAYERS = weakref.WeakKeyDictionary()
+
+
 def _fused_sublayers(layer):
     """The layer and every sublayer whose arithmetic the fused form runs (kept
     once built: the sublayers are made in __init__ and build)."""
-    sublayers = layer.__dict__.get("_fused_sublayer_list")
+    sublayers = _FUSED_SUBLAYERS.get(layer)
     if sublayers is None:
         block = layer if isinstance(layer, Sequencer2DBlock) else None
         tokens = block.rnn_tokens if block is not None else layer
@@ -335,7 +341,7 @@ def _fused_sublayers(layer):
         if block is not None:
             sublayers += [block.norm1, block.norm2, block.fc1, block.fc2]
         if layer.built:
-            layer.__dict__["_fused_sublayer_list"] = sublayers = tuple(sublayers)
+            _FUSED_SUBLAYERS[layer] = sublayers = tuple(sublayers)
     return sublayers
 
 

@@ -82,3 +82,17 @@ def test_mixed_bfloat16_builds_and_runs(rng):
     assert model.get_layer("stages_0_blocks_0").compute_dtype == "bfloat16"
     assert out.dtype == np.float32 and np.isfinite(out).all()
     np.testing.assert_allclose(out.sum(axis=-1), 1.0, atol=1e-3)
+
+
+def test_save_and_load_after_the_fused_block_has_run(tmp_path, rng):
+    """The torch whole-block form keeps per-layer state (its sublayers, weight
+    copies); Keras' saver must not walk into it (it once recursed forever)."""
+    model = ks.Sequencer2D(layers=(1, 1), patch_sizes=(4, 2), embed_dims=(16, 32), hidden_sizes=(8, 16),
+                           mlp_ratios=(2.0, 2.0), input_shape=(32, 32, 3), classes=3)
+    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = run_model(model, x)  # the fused form runs (torch) and fills its caches
+    model.save_weights(str(tmp_path / "m.weights.h5"))
+    model.load_weights(str(tmp_path / "m.weights.h5"))
+    model.save(str(tmp_path / "m.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "m.keras"))
+    np.testing.assert_allclose(run_model(loaded, x), expected, atol=1e-5)
