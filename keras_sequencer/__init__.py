@@ -4,7 +4,7 @@ import importlib
 import importlib.util
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public names, imported on first use (PEP 562): `import keras_sequencer` costs
 # nothing, so `keras-sequencer --help` answers without importing keras (and
