@@ -88,3 +88,21 @@ class Hub:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def serve_pretrained(monkeypatch, tmp_path, variant, body):
+    """A Hub serving `body` as `variant`'s ImageNet file, with the environment
+    (endpoint, fresh Keras and Hugging Face caches, online) and the pin (the
+    body's sha256) pointing at it. Stop the returned server when done."""
+    from keras_sequencer import registry
+
+    source = registry.PRETRAINED[variant]
+    server = Hub()
+    server.files[f"/{source['repo_id']}/resolve/{source['revision']}/{source['filename']}"] = body
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setitem(registry.PRETRAINED, variant, dict(source, sha256=hashlib.sha256(body).hexdigest()))
+    return server

@@ -6,7 +6,6 @@ in the model's native NHWC layout, in stage order. Ours is compared map by map
 with it, both filled from the same random-weight checkpoint file.
 """
 
-import hashlib
 
 import keras
 import numpy as np
@@ -17,8 +16,8 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 import torch  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
-from keras_sequencer import keras_compat, registry  # noqa: E402
-from hub_server import Hub  # noqa: E402
+from keras_sequencer import keras_compat  # noqa: E402
+from hub_server import serve_pretrained  # noqa: E402
 from reference import make_reference, normalize  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -223,20 +222,9 @@ def _assert_same_weights(model, reference_model):
 
 
 def test_imagenet_weights(checkpoint, features_model, monkeypatch, tmp_path):
-    # The head is not needed: the weights fill the include_top=False backbone,
-    # whose layers the features model shares.
-    source = registry.PRETRAINED["sequencer2d_s"]
-    repo, commit, filename = source["repo_id"], source["revision"], source["filename"]
-    body = checkpoint.read_bytes()
-    server = Hub()
-    server.files[f"/{repo}/resolve/{commit}/{filename}"] = body
-    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    sha = hashlib.sha256(body).hexdigest()
-    monkeypatch.setitem(registry.PRETRAINED, "sequencer2d_s", dict(source, sha256=sha))
+    # The head and the later stages are not needed: the checkpoint fills the
+    # features model as far as its last returned stage.
+    server = serve_pretrained(monkeypatch, tmp_path, "sequencer2d_s", checkpoint.read_bytes())
     try:
         model = ks.Sequencer2DS(features_only=True, out_indices=(0, 1), input_shape=(56, 56, 3))
     finally:

@@ -25,7 +25,7 @@ from keras_sequencer import registry  # noqa: E402
 from keras_sequencer import weights as weights_module  # noqa: E402
 from keras_sequencer.weights import hub as hub_module  # noqa: E402
 from conftest import run_model, run_once  # noqa: E402
-from hub_server import Hub  # noqa: E402
+from hub_server import serve_pretrained  # noqa: E402
 from reference import (  # noqa: E402
     AUTHORS_VARIANTS,
     make_reference,
@@ -58,15 +58,7 @@ def checkpoint_bytes(reference, tmp_path_factory):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path, checkpoint_bytes):
-    server = Hub()
-    server.files[HUB_PATH] = checkpoint_bytes
-    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    sha = hashlib.sha256(checkpoint_bytes).hexdigest()
-    monkeypatch.setitem(registry.PRETRAINED, "sequencer2d_s", dict(SOURCE, sha256=sha))
+    server = serve_pretrained(monkeypatch, tmp_path, "sequencer2d_s", checkpoint_bytes)
     yield server
     server.stop()
 
