@@ -8,7 +8,7 @@ __version__ = "0.2.0"
 
 # Public names, imported on first use (PEP 562): `import keras_sequencer` costs
 # nothing, so `keras-sequencer --help` answers without importing keras (and
-# TensorFlow: 4 s), and `export` can still choose the backend.
+# TensorFlow), and `export` can still choose the backend.
 _EXPORTS = {
     "CheckpointMismatchError": "weights.convert",
     "load_torch_state_dict": "weights.convert",

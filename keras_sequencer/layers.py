@@ -162,7 +162,7 @@ def directions_of(rnn):
 
 def _icfo(w):
     # Keras' LSTM gates are (i, f, c, o); BlockLSTM's are (i, c, f, o). One split
-    # and one concat: slicing traced 12 ops per weight, 1.7 s of a TF cold start.
+    # and one concat: slicing traced many more ops into a TF cold start.
     import tensorflow as tf
 
     i, f, c, o = tf.split(w, 4, axis=-1)
@@ -715,8 +715,8 @@ class Sequencer2DBlock(layers.Layer):
         if self.rnn_tokens.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, training, inputs=x):
                 return _torch_block(self, x)
-        # Identity layers are not called: each Keras layer call costs ~170 us on
-        # torch, and these four were 4% of a batch-1 forward pass.
+        # Identity layers are not called: each Keras layer call has a per-call
+        # cost on torch (BENCHMARKS.md, host time).
         drop_path = self.drop_path if training and self.drop_path_rate > 0 else _identity
         dropout = self.mlp_dropout if training and self.drop_rate > 0 else _identity
         x = x + drop_path(self.rnn_tokens(self.norm1(x)), training=training)
