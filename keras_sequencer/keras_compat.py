@@ -49,9 +49,19 @@ INTERNALS = {
         "Optimizer._backend_apply_gradients",
     ),
     "optimizer update hook": (
-        "PyTorch-style AdamW steps fused with torch._foreach_* on torch (training.PyTorchAdamW)",
+        "PyTorch-style AdamW steps fused into torch._fused_adamw_ on torch (training.PyTorchAdamW)",
         "keras.optimizers",
         "Optimizer._backend_update_step",
+    ),
+    "optimizer weight decay hook": (
+        "the decay folded into that fused step (training.PyTorchAdamW)",
+        "keras.optimizers",
+        "Optimizer._apply_weight_decay",
+    ),
+    "optimizer weight decay rule": (
+        "which variables that fused step decays (training.PyTorchAdamW)",
+        "keras.optimizers",
+        "Optimizer._use_weight_decay",
     ),
     "optimizer gradient clipping": (
         "PyTorch-style AdamW steps (training.PyTorchAdamW)",

@@ -84,7 +84,8 @@ class PyTorchAdamW(keras.optimizers.AdamW):
         # Python-side bookkeeping in one holder: Keras tracks optimizer
         # attributes, and a list of model variables there would become state.
         self._marks = types.SimpleNamespace(
-            split_ids=frozenset(), no_decay_ids=frozenset(), split_keys=frozenset(), clip_variables=None
+            split_ids=frozenset(), no_decay_ids=frozenset(), split_keys=frozenset(), clip_variables=None,
+            decay_due=False,
         )
 
     def split_biases(self, var_list):
@@ -145,43 +146,54 @@ class PyTorchAdamW(keras.optimizers.AdamW):
             step_size = step_size * 2.0  # bias_ih and bias_hh each take this step
         self.assign_sub(variable, ops.divide(ops.multiply(m, step_size), denominator))
 
+    def _apply_weight_decay(self, variables):
+        # On torch the decay is folded into the fused step below (one pass over
+        # the variables instead of two); Keras calls this right before it.
+        if keras.backend.backend() == "torch" and self.weight_decay:
+            self._marks.decay_due = True
+            return
+        return super()._apply_weight_decay(variables)
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # On torch, Keras' own Adam runs as fused `torch._foreach_*` calls over all
-        # variables, where an `update_step` override runs Keras ops one variable
-        # at a time. This is that step fused, as torch.optim.AdamW's foreach form.
+        # On torch the whole step (decoupled decay, moments, update) is one
+        # `torch._fused_adamw_` call per group, the kernel of
+        # `torch.optim.AdamW(fused=True)`, where an `update_step` override would
+        # run Keras ops one variable at a time.
         if keras.backend.backend() != "torch":
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         import torch
 
+        decay_due, self._marks.decay_due = self._marks.decay_due, False
         with torch.no_grad():
-            groups = {True: ([], [], [], [], []), False: ([], [], [], [], [])}
+            groups = {}
             for grad, variable in zip(grads, trainable_variables):
                 index = self._get_variable_index(variable)
-                group = groups[self._is_split_bias(variable)]
+                key = (self._is_split_bias(variable), decay_due and self._use_weight_decay(variable))
+                group = groups.setdefault(key, ([], [], [], [], []))
                 group[0].append(variable.value)
                 group[1].append(grad.to(variable.value.dtype))
                 group[2].append(self._momentums[index].value)
                 group[3].append(self._velocities[index].value)
                 if self.amsgrad:
                     group[4].append(self._velocity_hats[index].value)
-            step = float(self.iterations.value) + 1.0
+            # `iterations` is a tensor, not a variable, under gradient accumulation.
+            step = float(ops.convert_to_numpy(self.iterations)) + 1.0
             lr = float(learning_rate.value if hasattr(learning_rate, "value") else learning_rate)
-            bias_correction_1 = 1.0 - self.beta_1**step
-            bias_correction_2_sqrt = (1.0 - self.beta_2**step) ** 0.5
-            for split, (params, grads_, ms, vs, v_hats) in groups.items():
-                if not params:
-                    continue
-                torch._foreach_lerp_(ms, grads_, 1.0 - self.beta_1)
-                torch._foreach_mul_(vs, self.beta_2)
-                torch._foreach_addcmul_(vs, grads_, grads_, value=1.0 - self.beta_2)
-                if self.amsgrad:
-                    torch._foreach_maximum_(v_hats, vs)
-                    vs = v_hats
-                denominators = torch._foreach_sqrt(vs)
-                torch._foreach_div_(denominators, bias_correction_2_sqrt)
-                torch._foreach_add_(denominators, self.epsilon)
-                step_size = lr / bias_correction_1 * (2.0 if split else 1.0)
-                torch._foreach_addcdiv_(params, ms, denominators, value=-step_size)
+            for (split, decayed), (params, grads_, ms, vs, v_hats) in groups.items():
+                # A split bias takes twice the Adam step and its decay once:
+                # (2 lr) * (wd / 2) is lr * wd exactly.
+                scale = 2.0 if split else 1.0
+                steps = [torch.full((), step, device=params[0].device)] * len(params)
+                torch._fused_adamw_(
+                    params, grads_, ms, vs, v_hats, steps,
+                    lr=lr * scale,
+                    beta1=self.beta_1,
+                    beta2=self.beta_2,
+                    weight_decay=self.weight_decay / scale if decayed else 0.0,
+                    eps=self.epsilon,
+                    amsgrad=self.amsgrad,
+                    maximize=False,
+                )
 
     # Clipping sees gradients without their variables; remember them.
     def _backend_apply_gradients(self, grads, trainable_variables):

@@ -254,19 +254,44 @@ def test_loss_scale_optimizer_wraps_it():
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="the fused (torch._foreach) step is torch's")
 def test_torch_fused_step_equals_the_per_variable_step():
-    """On torch PyTorchAdamW steps all variables with torch._foreach_* calls;
-    Keras' per-variable loop over `update_step` is the reference."""
+    """On torch PyTorchAdamW steps all variables (decay included) with fused
+    torch._fused_adamw_ calls; Keras' separate decay and per-variable loop over
+    `update_step` are the reference."""
     (_, fused), (_, looped) = _pair("lstm"), _pair("lstm")
     optimizers = [create_optimizer(m, 1e-2, weight_decay=WEIGHT_DECAY, total_steps=10, warmup_steps=2)
                   for m in (fused, looped)]
     per_variable = super(PyTorchAdamW, optimizers[1])._backend_update_step
     optimizers[1]._backend_update_step = per_variable
+    optimizers[1]._apply_weight_decay = super(PyTorchAdamW, optimizers[1])._apply_weight_decay
     rng = np.random.default_rng(3)
     for _ in range(3):
         grads = [rng.standard_normal(tuple(v.shape)).astype("float32") for v in fused.trainable_variables]
         for optimizer, model in zip(optimizers, (fused, looped)):
             optimizer.apply_gradients(zip([keras.ops.convert_to_tensor(g) for g in grads], model.trainable_variables))
     assert optimizers[0]._marks.split_keys  # the doubled step of the LSTM biases is exercised
+    assert any(not optimizers[0]._use_weight_decay(v) for v in fused.trainable_variables)  # and exclusions
     for a, b in zip(fused.trainable_variables, looped.trainable_variables):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), atol=1e-6,
                                    err_msg=a.path)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the fused (torch._fused_adamw_) step is torch's")
+def test_torch_fused_step_under_gradient_accumulation_and_ema():
+    """Keras' gradient accumulation (where `iterations` is a tensor) and EMA
+    around the fused step: the same variables as Keras' own decay and loop."""
+
+    def train(fused):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        optimizer = PyTorchAdamW(1e-2, weight_decay=0.1, gradient_accumulation_steps=2, use_ema=True)
+        if not fused:
+            optimizer._backend_update_step = super(PyTorchAdamW, optimizer)._backend_update_step
+            optimizer._apply_weight_decay = super(PyTorchAdamW, optimizer)._apply_weight_decay
+        model.compile(optimizer, "mse")
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            model.train_on_batch(rng.normal(size=(8, 4)), rng.normal(size=(8, 3)))
+        return [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+    for a, b in zip(train(True), train(False)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
