@@ -282,8 +282,9 @@ def _direction_params(cell, rnn_type, contiguous=False):
         units = cell.units
         swap = [_swap_first_two_gates(w, units) for w in (kernel, recurrent, bias[0], bias[1])]
         return [w.contiguous() for w in swap] if contiguous else swap
-    if contiguous or kernel.is_cuda:  # cuDNN views the weights flat
-        kernel, recurrent = kernel.contiguous(), recurrent.contiguous()
+    # Contiguous for cuDNN, which views the weights flat, and for oneDNN, which
+    # otherwise reorders the transposed views in the forward and the backward.
+    kernel, recurrent = kernel.contiguous(), recurrent.contiguous()
     if contiguous:
         bias = bias.clone()
     return [kernel, recurrent, bias, torch.zeros_like(bias)]
@@ -306,6 +307,43 @@ def _torch_rnn_weights(rnn, rnn_type, cache):
             cache.params = [w for cell in cells for w in _direction_params(cell, rnn_type, contiguous=True)]
         cache.sources, cache.versions = sources, versions
     return cache.params
+
+
+# Sequences this short run unrolled in torch ops on CPU: oneDNN's LSTM has a
+# fixed cost per call that two steps do not repay (BENCHMARKS.md, "Short
+# sequences").
+UNROLL_MAX_STEPS = 2
+
+
+def _unrolled_torch_lstm(rnn, sequences):
+    """A Keras LSTM (or its Bidirectional wrapper) over short (N, T, C)
+    sequences, unrolled in torch ops on the variables in Keras' own layout
+    (x @ kernel: no transposed weights to reorder, forward or backward)."""
+    import torch
+
+    batch, steps, channels = sequences.shape
+    flat = sequences.reshape(batch * steps, channels)
+    outputs = []
+    for direction in directions_of(rnn):
+        cell = direction.cell
+        units = cell.units
+        gates = torch.addmm(cell.bias.value, flat, cell.kernel.value).view(batch, steps, 4 * units)
+        recurrent = cell.recurrent_kernel.value
+        h = c = None  # zero state: the first step skips the recurrent product
+        if torch.is_grad_enabled():
+            # ...except under autograd, where every variable gets a gradient
+            # (zero for the recurrent kernel of one step) as Keras' loop gives.
+            h = c = sequences.new_zeros((batch, units))
+        hs = [None] * steps
+        for t in (range(steps - 1, -1, -1) if direction.go_backwards else range(steps)):
+            g = gates[:, t] if h is None else torch.addmm(gates[:, t], h, recurrent)
+            i_f = torch.sigmoid(g[:, : 2 * units])
+            candidate = torch.tanh(g[:, 2 * units : 3 * units]) * i_f[:, :units]
+            c = candidate if c is None else torch.addcmul(candidate, i_f[:, units:], c)
+            h = torch.sigmoid(g[:, 3 * units :]) * torch.tanh(c)
+            hs[t] = h
+        outputs.append(torch.stack(hs, 1))
+    return torch.cat(outputs, -1) if len(outputs) == 2 else outputs[0]
 
 
 def _torch_rnn(rnn, rnn_type, sequences, weights):
@@ -388,6 +426,13 @@ def _eager_float32_torch(x):
     )
 
 
+def _torch_axis(layer, rnn, sequences, cache):
+    """One axis of a BiLSTM2D over (N, T, C) sequences with torch ops."""
+    if layer.rnn_type == "lstm" and sequences.shape[1] <= UNROLL_MAX_STEPS and not sequences.is_cuda:
+        return _unrolled_torch_lstm(rnn, sequences)
+    return _torch_rnn(rnn, layer.rnn_type, sequences, _torch_rnn_weights(rnn, layer.rnn_type, cache))
+
+
 def _torch_bilstm2d(layer, x):
     """BiLSTM2D.call with torch ops only, on the layer's own variables."""
     import torch
@@ -397,19 +442,29 @@ def _torch_bilstm2d(layer, x):
     outputs = []
     if layer.with_vertical:
         v = x.transpose(1, 2).reshape(-1, height, channels)
-        v = _torch_rnn(layer.rnn_v, layer.rnn_type, v, _torch_rnn_weights(layer.rnn_v, layer.rnn_type, layer._cache_v))
+        v = _torch_axis(layer, layer.rnn_v, v, layer._cache_v)
         outputs.append(v.reshape(batch, width, height, layer.output_size).transpose(1, 2))
     if layer.with_horizontal:
         h = x.reshape(-1, width, channels)
-        h = _torch_rnn(layer.rnn_h, layer.rnn_type, h, _torch_rnn_weights(layer.rnn_h, layer.rnn_type, layer._cache_h))
+        h = _torch_axis(layer, layer.rnn_h, h, layer._cache_h)
         outputs.append(h.reshape(batch, height, width, layer.output_size))
     if len(outputs) == 2:
         x = torch.cat(outputs, dim=-1) if layer.union == "cat" else outputs[0] + outputs[1]
     else:
         x = outputs[0]
     if layer.fc is not None:
-        x = F.linear(x, layer.fc.kernel.value.T, layer.fc.bias.value)
+        x = _dense(x, layer.fc)
     return x
+
+
+def _dense(x, dense):
+    """A Dense layer's arithmetic on its kernel as Keras keeps it, (in, out): no
+    transposed weight, so the backward writes the kernel's gradient as is."""
+    import torch
+
+    kernel = dense.kernel.value
+    flat = torch.addmm(dense.bias.value, x.reshape(-1, kernel.shape[0]), kernel)
+    return flat.view(*x.shape[:-1], kernel.shape[1])
 
 
 def _torch_block(block, x):
@@ -424,8 +479,8 @@ def _torch_block(block, x):
     y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
     x = x + _torch_bilstm2d(tokens, y)
     y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
-    y = F.gelu(F.linear(y, fc1.kernel.value.T, fc1.bias.value))
-    return x + F.linear(y, fc2.kernel.value.T, fc2.bias.value)
+    y = F.gelu(_dense(y, fc1))
+    return x + _dense(y, fc2)
 
 
 def gelu_exact(x):
