@@ -10,6 +10,7 @@ silently bringing back the bug it guards against.
 
 import collections
 import contextlib
+import ast
 import importlib
 import sys
 import threading
@@ -42,6 +43,11 @@ INTERNALS = {
         "the torch whole-block path (layers.Sequencer2DBlock.__call__) marks a block called as Keras would",
         "keras.layers",
         "Layer()._called",
+    ),
+    "variable storage": (
+        "the torch mixed_bfloat16 block form reads float32 variables, not Keras' autocast copies",
+        "keras",
+        "Variable(1, None, 'float32')._value",
     ),
     "optimizer gradient hooks": (
         "PyTorch-style AdamW steps (training.PyTorchAdamW)",
@@ -76,8 +82,10 @@ _FUNCTIONAL_ATTRIBUTES = ("_nodes_by_depth", "_outputs_struct")
 def _resolve(module, path):
     value = importlib.import_module(module)
     for part in path.split("."):
-        if part.endswith("()"):  # an attribute of an instance
-            value = getattr(value, part[:-2])()
+        if part.endswith(")"):  # an attribute of an instance: name(literal arguments)
+            name, arguments = part[:-1].split("(", 1)
+            arguments = ast.literal_eval(f"({arguments},)") if arguments else ()
+            value = getattr(value, name)(*arguments)
         else:
             value = getattr(value, part)
     return value
@@ -194,6 +202,16 @@ def mark_called(layer):
     `_called` flag), for a call that bypasses `__call__`."""
     if not layer._called:
         layer._called = True
+
+
+def stored_value(variable):
+    """A variable's own tensor: inside a mixed-precision layer's call Keras'
+    `value` is a fresh cast copy. In a stateless scope, that scope's value."""
+    from keras.src.backend.common.global_state import get_global_attribute
+
+    if get_global_attribute("stateless_scope") is not None:
+        return variable.value
+    return variable._value
 
 
 def litert_op_names(interpreter):

@@ -272,12 +272,12 @@ class _WeightCache:
         self.sources, self.versions, self.params = (), (), None
 
 
-def _direction_params(cell, rnn_type, contiguous=False):
+def _direction_params(cell, rnn_type, contiguous=False, read=lambda variable: variable.value):
     """One direction's float32 variables as PyTorch's (w_ih, w_hh, b_ih, b_hh),
     without Keras ops (the dtype policy is plain float32 here)."""
     import torch
 
-    kernel, recurrent, bias = cell.kernel.value.T, cell.recurrent_kernel.value.T, cell.bias.value
+    kernel, recurrent, bias = read(cell.kernel).T, read(cell.recurrent_kernel).T, read(cell.bias)
     if rnn_type == "gru":
         units = cell.units
         swap = [_swap_first_two_gates(w, units) for w in (kernel, recurrent, bias[0], bias[1])]
@@ -400,26 +400,30 @@ def fused_call_blockers(layer, training=None, inputs=None):
     if block is not None and training and (block.drop_path_rate > 0 or block.drop_rate > 0):
         blockers.append("training with dropout or drop path")
     sublayers = _fused_sublayers(layer)
-    if None in sublayers or any(sub.dtype_policy.name != "float32" for sub in sublayers):
+    import torch
+
+    policies = {None if sub is None else sub.dtype_policy.name for sub in sublayers}
+    # mixed_bfloat16 has a whole-block form for inference (bfloat16 copies of
+    # the weights kept between calls); under autograd it runs layer by layer.
+    bfloat16_inference = policies == {"mixed_bfloat16"} and block is not None and not torch.is_grad_enabled()
+    if policies != {"float32"} and not bfloat16_inference:
         blockers.append("dtype policy or quantization")
     if any(sub.lora_enabled for sub in sublayers if isinstance(sub, layers.Dense)):
         blockers.append("LoRA")
     if keras.distribution.distribution() is not None:
         blockers.append("distribution")
-    import torch
-
     device = getattr(inputs, "device", None)
     if torch.is_autocast_enabled(device.type if device is not None and device.type != "meta" else "cpu"):
         blockers.append("autocast")
     return blockers
 
 
-def _eager_float32_torch(x):
+def _eager_float_torch(x):
     import torch
 
     return (
         isinstance(x, torch.Tensor)
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and x.ndim == 4
         and not x.is_meta
         and getattr(x, "_keras_mask", None) is None
@@ -433,38 +437,108 @@ def _torch_axis(layer, rnn, sequences, cache):
     return _torch_rnn(rnn, layer.rnn_type, sequences, _torch_rnn_weights(rnn, layer.rnn_type, cache))
 
 
-def _torch_bilstm2d(layer, x):
-    """BiLSTM2D.call with torch ops only, on the layer's own variables."""
+def _torch_bilstm2d(layer, x, bfloat16=None):
+    """BiLSTM2D.call with torch ops only, on the layer's own variables, or on
+    their bfloat16 copies (a _Bfloat16Weights) for a mixed_bfloat16 block."""
     import torch
-    import torch.nn.functional as F
 
     batch, height, width, channels = x.shape
     outputs = []
     if layer.with_vertical:
         v = x.transpose(1, 2).reshape(-1, height, channels)
-        v = _torch_axis(layer, layer.rnn_v, v, layer._cache_v)
+        if bfloat16 is None:
+            v = _torch_axis(layer, layer.rnn_v, v, layer._cache_v)
+        else:  # ATen's kernel at every length, as the layer-by-layer path runs it
+            v = _torch_rnn(layer.rnn_v, layer.rnn_type, v, bfloat16.rnn_v)
         outputs.append(v.reshape(batch, width, height, layer.output_size).transpose(1, 2))
     if layer.with_horizontal:
         h = x.reshape(-1, width, channels)
-        h = _torch_axis(layer, layer.rnn_h, h, layer._cache_h)
+        if bfloat16 is None:
+            h = _torch_axis(layer, layer.rnn_h, h, layer._cache_h)
+        else:
+            h = _torch_rnn(layer.rnn_h, layer.rnn_type, h, bfloat16.rnn_h)
         outputs.append(h.reshape(batch, height, width, layer.output_size))
     if len(outputs) == 2:
         x = torch.cat(outputs, dim=-1) if layer.union == "cat" else outputs[0] + outputs[1]
     else:
         x = outputs[0]
     if layer.fc is not None:
-        x = _dense(x, layer.fc)
+        x = _dense(x, layer.fc) if bfloat16 is None else _linear(x, *bfloat16.fc)
     return x
 
 
 def _dense(x, dense):
     """A Dense layer's arithmetic on its kernel as Keras keeps it, (in, out): no
     transposed weight, so the backward writes the kernel's gradient as is."""
+    return _linear(x, dense.kernel.value, dense.bias.value)
+
+
+def _linear(x, kernel, bias):
     import torch
 
-    kernel = dense.kernel.value
-    flat = torch.addmm(dense.bias.value, x.reshape(-1, kernel.shape[0]), kernel)
+    flat = torch.addmm(bias, x.reshape(-1, kernel.shape[0]), kernel)
     return flat.view(*x.shape[:-1], kernel.shape[1])
+
+
+class _Bfloat16Weights:
+    """A mixed_bfloat16 block's weights as bfloat16 copies, for inference:
+    Keras' per-layer path casts every variable on every call. Rebuilt whenever
+    a variable's tensor or its in-place version counter changes."""
+
+    def __init__(self, block):
+        import torch
+
+        _, tokens, *_, _, _, fc1, fc2 = _fused_sublayers(block)
+        self.sources = _bfloat16_sources(block)
+        self.versions = tuple(t._version for t in self.sources)
+        with torch.inference_mode(False), torch.no_grad():
+
+            def params(rnn):
+                if rnn is None:
+                    return None
+                directions = [
+                    _direction_params(d.cell, tokens.rnn_type, contiguous=True, read=keras_compat.stored_value)
+                    for d in directions_of(rnn)
+                ]
+                return [w.to(torch.bfloat16) for ws in directions for w in ws]
+
+            def pair(d):
+                if d is None:
+                    return None
+                return tuple(keras_compat.stored_value(v).to(torch.bfloat16) for v in (d.kernel, d.bias))
+
+            self.rnn_v, self.rnn_h = params(tokens.rnn_v), params(tokens.rnn_h)
+            self.fc, self.fc1, self.fc2 = pair(tokens.fc), pair(fc1), pair(fc2)
+
+    def current(self, block):
+        sources = _bfloat16_sources(block)
+        return len(sources) == len(self.sources) and all(
+            a is b and a._version == version for a, b, version in zip(sources, self.sources, self.versions)
+        )
+
+
+def _bfloat16_sources(block):
+    """The float32 tensors behind a block's bfloat16 copies."""
+    _, tokens, *_, _, _, fc1, fc2 = _fused_sublayers(block)
+    sources = []
+    for rnn in (tokens.rnn_v, tokens.rnn_h):
+        for direction in directions_of(rnn) if rnn is not None else ():
+            cell = direction.cell
+            sources += [cell.kernel, cell.recurrent_kernel, cell.bias]
+    for dense in (tokens.fc, fc1, fc2):
+        if dense is not None:
+            sources += [dense.kernel, dense.bias]
+    return tuple(keras_compat.stored_value(v) for v in sources)
+
+
+_BFLOAT16_WEIGHTS = weakref.WeakKeyDictionary()
+
+
+def _bfloat16_weights(block):
+    weights = _BFLOAT16_WEIGHTS.get(block)
+    if weights is None or not weights.current(block):
+        _BFLOAT16_WEIGHTS[block] = weights = _Bfloat16Weights(block)
+    return weights
 
 
 def _torch_block(block, x):
@@ -476,11 +550,30 @@ def _torch_block(block, x):
     # The sublayers, from the tuple kept at the first call (fewer
     # torch.nn.Module attribute look-ups).
     _, tokens, *_, n1, n2, fc1, fc2 = _fused_sublayers(block)
+    if n1.dtype_policy.name == "mixed_bfloat16":
+        return _torch_block_bfloat16(block, x)
     y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
     x = x + _torch_bilstm2d(tokens, y)
     y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
     y = F.gelu(_dense(y, fc1))
     return x + _dense(y, fc2)
+
+
+def _torch_block_bfloat16(block, x):
+    """_torch_block under mixed_bfloat16, for inference: the per-layer path's
+    arithmetic (LayerNorm in float32, the rest in bfloat16) on weights cast once."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = _bfloat16_weights(block)
+    _, tokens, *_, n1, n2, _, _ = _fused_sublayers(block)
+    x = x.to(torch.bfloat16)
+    shape = (x.shape[-1],)
+    y = F.layer_norm(x.float(), shape, n1.gamma.value, n1.beta.value, n1.epsilon).to(torch.bfloat16)
+    x = x + _torch_bilstm2d(tokens, y, bfloat16=weights)
+    y = F.layer_norm(x.float(), shape, n2.gamma.value, n2.beta.value, n2.epsilon).to(torch.bfloat16)
+    y = F.gelu(_linear(y, *weights.fc1))
+    return x + _linear(y, *weights.fc2)
 
 
 def gelu_exact(x):
@@ -757,7 +850,7 @@ class Sequencer2DBlock(layers.Layer):
             and self.built
             and self.rnn_tokens.selected_route == "fused"
             and kwargs.keys() <= {"training"}
-            and _eager_float32_torch(args[0])
+            and _eager_float_torch(args[0])
         ):
             training = kwargs.get("training")
             undecided = training is None and (self.drop_path_rate > 0 or self.drop_rate > 0)

@@ -290,13 +290,71 @@ def test_whole_block_form_steps_aside_for_training_time_drops(rng, block_form):
 
 @torch_only
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_whole_block_form_steps_aside_for_mixed_precision(policy, rng, block_form):
+def test_whole_block_form_steps_aside_for_mixed_precision_under_autograd(policy, rng, block_form):
     calls, _ = block_form
     block = ks.Sequencer2DBlock(4, rnn_route="fused", dtype=policy)
     x = rng.normal(size=(1, 3, 3, 8)).astype("float32")
     y = block(x)
     assert calls == [] and keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
     assert "dtype policy or quantization" in ks.layers.fused_call_blockers(block)
+
+
+@torch_only
+@pytest.mark.parametrize("kwargs", [dict(), dict(rnn_type="gru"), dict(bidirectional=False, union="add")])
+def test_bfloat16_whole_block_form_for_inference(kwargs, rng, block_form):
+    """Under mixed_bfloat16 without autograd the block runs whole on bfloat16
+    copies of its weights: the per-layer path's arithmetic (within one
+    bfloat16 rounding), rebuilt after an assignment; mixed_float16 and
+    autograd still run layer by layer."""
+    import torch
+
+    calls, force_per_layer = block_form
+    block = _block(rng, rnn_route="fused", dtype="mixed_bfloat16", **kwargs)
+    x = torch.from_numpy(rng.normal(size=(2, 5, 7, 10)).astype("float32"))
+
+    def both():
+        with torch.no_grad():
+            fast = block(x)
+            assert calls == [block.name]
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(ks.layers, "fused_call_blockers", lambda *a, **k: ["forced"])
+                per_layer = block(x)
+            assert calls == [block.name]
+        calls.clear()
+        assert fast.dtype == per_layer.dtype == torch.bfloat16
+        fast, per_layer = fast.float().numpy(), per_layer.float().numpy()
+        assert np.abs(fast - per_layer).max() <= np.abs(per_layer).max() * 2.0**-7
+        return fast
+
+    before = both()
+    kernel = block.fc2.kernel
+    kernel.assign(keras.ops.convert_to_numpy(kernel) * 2.0)
+    after = both()
+    assert np.abs(after - before).max() > 0.1  # the copies followed the assignment
+
+    assert "dtype policy or quantization" in ks.layers.fused_call_blockers(block, inputs=x)  # autograd on
+    half = _block(rng, rnn_route="fused", dtype="mixed_float16")
+    with torch.no_grad():
+        assert "dtype policy or quantization" in ks.layers.fused_call_blockers(half, inputs=x)
+
+
+def test_stored_value_is_the_variable_not_an_autocast_copy():
+    from keras_sequencer import keras_compat
+
+    layer = keras.layers.Dense(2, dtype="mixed_bfloat16")
+    layer.build((None, 3))
+    seen = {}
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            seen["value"] = layer.kernel.value
+            seen["stored"] = keras_compat.stored_value(layer.kernel)
+            return x
+
+    Probe(dtype="mixed_bfloat16")(np.ones((1, 3), "float32"))
+    assert keras.backend.standardize_dtype(seen["value"].dtype) == "bfloat16"  # Keras' autocast copy
+    assert keras.backend.standardize_dtype(seen["stored"].dtype) == "float32"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(seen["stored"]), keras.ops.convert_to_numpy(layer.kernel))
 
 
 @torch_only
