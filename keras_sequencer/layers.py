@@ -186,7 +186,12 @@ def tensorflow_fused_lstm(rnn, sequences):
         inputs = tf.reverse(time_major, [0]) if reverse else time_major
         zeros = tf.zeros((tf.shape(inputs)[1], units), dtype)
         no_peephole = tf.zeros((units,), dtype)
-        kernel = tf.concat([ops.cast(cell.kernel, dtype), ops.cast(cell.recurrent_kernel, dtype)], 0)
+        # The variables themselves: inside a mixed-precision call Keras' value
+        # is a bfloat16 copy.
+        kernel, recurrent, bias = (
+            ops.cast(keras_compat.stored_value(v), dtype) for v in (cell.kernel, cell.recurrent_kernel, cell.bias)
+        )
+        kernel = tf.concat([kernel, recurrent], 0)
         h = tf.raw_ops.BlockLSTM(
             seq_len_max=tf.cast(tf.shape(inputs)[0], tf.int64),
             x=inputs,
@@ -196,7 +201,7 @@ def tensorflow_fused_lstm(rnn, sequences):
             wci=no_peephole,
             wcf=no_peephole,
             wco=no_peephole,
-            b=_icfo(ops.cast(cell.bias, dtype)),
+            b=_icfo(bias),
             forget_bias=0.0,  # Keras keeps it in the bias
             cell_clip=-1.0,  # no clipping
             use_peephole=False,
@@ -576,6 +581,32 @@ def _torch_block_bfloat16(block, x):
     return x + _linear(y, *weights.fc2)
 
 
+def tensorflow_fused_mlp_applies(block):
+    """Whether a block's MLP runs as tensorflow_fused_mlp: TensorFlow, the
+    fused route (exports trace the Keras route, whose GELU pattern TFLite
+    fuses), float32 or mixed_bfloat16 Dense layers without LoRA."""
+    if keras.backend.backend() != "tensorflow" or block.rnn_tokens.selected_route != "fused":
+        return False
+    dense = (block.fc1, block.fc2)
+    return all(d.dtype_policy.name in ("float32", "mixed_bfloat16") and not d.lora_enabled for d in dense)
+
+
+def tensorflow_fused_mlp(fc1, fc2, x):
+    """fc2(gelu_exact(fc1(x))) as MatMul, BiasAdd and the erf form of GELU
+    that TensorFlow's graph remapper fuses into one oneDNN MatMul with a GELU
+    post-op. Keras' Dense multiplies a 4D input as a batched product and adds
+    the bias after it, which the remapper cannot fuse (BENCHMARKS.md)."""
+    import tensorflow as tf
+
+    dtype = x.dtype
+    shape = tf.shape(x)
+    y = tf.reshape(x, (-1, x.shape[-1]))
+    y = tf.nn.bias_add(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
+    y = ((tf.math.erf(y * 0.7071067811865476) + 1.0) * 0.5) * y
+    y = tf.nn.bias_add(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype))
+    return tf.reshape(y, tf.concat([shape[:-1], [fc2.units]], 0))
+
+
 def gelu_exact(x):
     """timm's nn.GELU (the exact erf form). TensorFlow's own gelu is written with
     Erfc, which tf2onnx cannot convert, so on TensorFlow it is spelled with Erf
@@ -686,7 +717,10 @@ class BiLSTM2D(layers.Layer):
                 return torch_fused_rnn(rnn, self.rnn_type, sequences)
             if keras.backend.standardize_dtype(sequences.dtype) == "float32":
                 return tensorflow_fused_lstm(rnn, sequences)
-            # Mixed precision on TensorFlow: Keras' loop, which takes any dtype.
+            # Mixed precision: TensorFlow has no bfloat16 recurrent kernel on
+            # CPU, and BlockLSTM in float32 outruns Keras' loop in bfloat16
+            # (BENCHMARKS.md, "bf16 on CPUs").
+            return ops.cast(tensorflow_fused_lstm(rnn, ops.cast(sequences, "float32")), sequences.dtype)
         if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(sequences.dtype) != "float32":
             # JAX's cuDNN RNN (jax.experimental.rnn) fails to lower bfloat16
             # ("Unknown output type bfloat16", measured on an H200).
@@ -868,10 +902,13 @@ class Sequencer2DBlock(layers.Layer):
         drop_path = self.drop_path if training and self.drop_path_rate > 0 else _identity
         dropout = self.mlp_dropout if training and self.drop_rate > 0 else _identity
         x = x + drop_path(self.rnn_tokens(self.norm1(x)), training=training)
-        y = self.fc1(self.norm2(x))
-        y = gelu_exact(y)
-        y = dropout(y, training=training)
-        y = dropout(self.fc2(y), training=training)
+        if dropout is _identity and tensorflow_fused_mlp_applies(self):
+            y = tensorflow_fused_mlp(self.fc1, self.fc2, self.norm2(x))
+        else:
+            y = self.fc1(self.norm2(x))
+            y = gelu_exact(y)
+            y = dropout(y, training=training)
+            y = dropout(self.fc2(y), training=training)
         return x + drop_path(y, training=training)
 
     def compute_output_shape(self, input_shape):

@@ -157,6 +157,34 @@ def test_fused_route_trains_a_model(rng):
     assert np.abs(keras.ops.convert_to_numpy(kernel) - before).max() > 0  # the LSTM learned
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused route under mixed precision")
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float32(policy, rng):
+    """No bfloat16/float16 BlockLSTM on CPU: the fused route runs the float32
+    kernel on the float32 variables inside a mixed-precision layer. Outputs
+    within the compute dtype's rounding of the float32 layer's (the block's
+    fused MLP included), and gradients reach every variable."""
+    import tensorflow as tf
+
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+    exact = _block(rng, rnn_route="fused")
+    mixed = ks.Sequencer2DBlock(6, mlp_ratio=2.0, rnn_route="fused", dtype=policy)
+    mixed.build(x.shape)
+    for source, target in zip(exact.weights, mixed.weights):
+        target.assign(source)
+    expected = exact(x).numpy()
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = tf.function(lambda a: mixed(a, training=True))(inputs)
+        loss = tf.reduce_sum(tf.cast(outputs, "float32"))
+    assert outputs.dtype == policy.split("_")[1]
+    got = tf.cast(outputs, "float32").numpy()
+    assert np.abs(got - expected).max() <= np.abs(expected).max() * 2.0**-6
+    grads = tape.gradient(loss, [inputs] + mixed.trainable_variables)
+    assert all(g is not None and np.isfinite(tf.cast(g, "float32").numpy()).all() for g in grads)
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's cuDNN RNN is the one without bfloat16")
 def test_bfloat16_on_jax_keeps_off_the_cudnn_kernel(rng):
     from unittest import mock
