@@ -86,13 +86,23 @@ __all__ = [
 
 def __getattr__(name):
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(f"{__name__}.{name}")
+        _finish_deferred_registration()
+        return module
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    _finish_deferred_registration()
     globals()[name] = value
     return value
+
+
+def _finish_deferred_registration():
+    waiting = [f for f in sys.meta_path if _is_hook(f) and f.keras_imported]
+    if waiting and not any(_initializing(f"{__name__}.{name}") for name in _REGISTERING):
+        _remove_hook()
+        _register_serializables()
 
 
 def __dir__():
@@ -110,8 +120,22 @@ _REGISTERING = ("layers", "models")
 
 
 def _register_serializables():
+    """Imports the registering modules, unless one of them is half-built: it
+    imported keras first (`ks.BiLSTM2D` before anything else), and importing
+    the others now would fail on its names. Then the hook waits for the next
+    import (or attribute of this package) after that module is done."""
+    if any(_initializing(f"{__name__}.{name}") for name in _REGISTERING):
+        if not any(_is_hook(f) for f in sys.meta_path):
+            sys.meta_path.insert(0, _AfterKerasImport(keras_imported=True))
+        return
     for name in _REGISTERING:
         importlib.import_module(f"{__name__}.{name}")
+
+
+def _initializing(name):
+    # What Python itself checks to call a module "partially initialized".
+    module = sys.modules.get(name)
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 class _AfterKerasImport:
@@ -121,7 +145,15 @@ class _AfterKerasImport:
     It removes itself on first use (and the wrapper on firing), so it costs
     nothing afterwards and never runs twice."""
 
+    def __init__(self, keras_imported=False):
+        self.keras_imported = keras_imported
+
     def find_spec(self, fullname, path=None, target=None):
+        if self.keras_imported:  # registration deferred: see _register_serializables
+            if not any(_initializing(f"{__name__}.{name}") for name in _REGISTERING):
+                _remove_hook()
+                _register_serializables()
+            return None
         if fullname != "keras":
             return None
         _remove_hook()

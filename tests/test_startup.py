@@ -105,6 +105,33 @@ def test_saved_model_loads_after_plain_import(keras_first, tmp_path):
     assert _python(script, tmp_path, backend="tensorflow").split() == ["FreeingFunctional", "Sequencer2DBlock"]
 
 
+@run_once
+@pytest.mark.parametrize("first", [
+    "import keras_sequencer as ks\nks.BiLSTM2D\n",
+    "from keras_sequencer import layers\n",
+    "import keras_sequencer.layers\n",
+], ids=["attribute", "from_import", "dotted_import"])
+def test_layers_module_first_imports_and_registers(first, tmp_path):
+    """The layers module as the first thing touched imports keras itself while
+    half-built; registration waits until it is done (it once failed with a
+    circular import), and a saved model still loads."""
+    path = tmp_path / "tiny.keras"
+    model = _tiny_model()
+    model.save(path)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 4, 4, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", run_model(model, x))
+    script = first + (
+        "import keras\n"
+        "import numpy as np\n"
+        "m = keras.models.load_model('tiny.keras')\n"
+        "y = keras.ops.convert_to_numpy(m(np.load('x.npy'), training=False))\n"
+        "np.testing.assert_allclose(y, np.load('y.npy'), rtol=1e-5, atol=1e-6)\n"
+        "print(type(m).__name__, type(m.layers[3]).__name__)\n"
+    )
+    assert _python(script, tmp_path, backend="torch").split() == ["FreeingFunctional", "Sequencer2DBlock"]
+
+
 @pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="TensorFlow is the backend here")
 def test_registration_hook_and_weights_file_leave_tensorflow_unimported(tmp_path):
     # tests/test_layers.py checks a model built from scratch; this one goes through
