@@ -23,19 +23,31 @@ ENGINES = ("timm", "tensorflow", "jax", "torch")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def reference_model(variant):
+    """timm's model with seeded random weights and a non-zero head: every engine
+    runs these same weights (other weights' statistics can slow one engine)."""
+    import timm  # before TensorFlow: the other order crashes the process
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(variant, pretrained=False).eval()
+    with torch.no_grad():  # timm zero-initialises the head
+        model.head.fc.weight.normal_(0.0, 0.02)
+    return model
+
+
 def inference_step(engine, variant, images, input_shape):
     """A function running one inference of `images` on `engine` (timm or a Keras
-    backend) with a freshly built `variant` taking `input_shape` (HWC)."""
+    backend) with `variant` taking `input_shape` (HWC), timm's weights in both."""
+    reference = reference_model(variant)
     if engine == "timm":
-        import timm
         import torch
 
-        model = timm.create_model(variant, pretrained=False).eval()
         x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
 
         def step():
             with torch.inference_mode():
-                model(x)
+                reference(x)
 
         return step
     os.environ["KERAS_BACKEND"] = engine
@@ -43,7 +55,8 @@ def inference_step(engine, variant, images, input_shape):
 
     import keras_sequencer as ks
 
-    model = ks.create_model(variant, input_shape=input_shape)
+    model = ks.create_model(variant, weights=None, input_shape=input_shape, include_preprocessing=False)
+    ks.load_torch_state_dict(model, reference.state_dict())
     if engine == "jax":
         # Compiled inference; eager JAX recompiles every recurrent loop.
         return lambda: model.predict_on_batch(images)
@@ -65,7 +78,8 @@ def worker(engine, variant, batch, size, min_seconds):
     """Loads one model, then answers 'run' lines with img/s of one timed round."""
     import numpy as np
 
-    images = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    # Normalised-scale inputs, as the models see them after preprocessing.
+    images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype("float32")
     step = inference_step(engine, variant, images, (size, size, 3))
     step()  # warm-up / compile
     step()
@@ -136,7 +150,7 @@ def versions():
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "machine": platform.machine(),
-           "processor": platform.processor(), "cpus": os.cpu_count()}
+           "processor": platform.processor(), "cpus": os.cpu_count(), **cpu_model_and_flags()}
     for name in ("keras", "tensorflow-cpu", "tensorflow", "jax", "torch", "timm"):
         try:
             out[name] = md.version(name)
@@ -151,6 +165,21 @@ def markdown(results):
         ratio = f"{r['ratio_to_timm']:.2f}x" if r["ratio_to_timm"] is not None else "-"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['engine']} | {r['img_s']:.2f} | {ratio} |")
     return "\n".join(lines)
+
+
+def cpu_model_and_flags():
+    model, flags = "unknown", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx")]
+    return {"cpu_model": model, "cpu_flags": wanted}
 
 
 def main():
