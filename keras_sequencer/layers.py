@@ -32,6 +32,11 @@ class BiasFusedDense(layers.Dense):
     separate add over the whole activation: 11% of sequencer2d_s's batch-16
     forward pass on a 2-core CPU. Same variables and config as Dense."""
 
+    def quantize(self, mode=None, type_check=True, **kwargs):
+        # Keras refuses Dense subclasses by default (a subclass may change the
+        # arithmetic); this one computes exactly Dense's, so it quantizes as one.
+        return super().quantize(mode, type_check=False, **kwargs)
+
     def call(self, inputs, training=None):
         if keras.backend.backend() != "torch" or self.bias is None:
             return super().call(inputs, training=training)
@@ -620,6 +625,28 @@ def _identity(x, training=None):
     return x
 
 
+def _sublayer_dtype(layer, dtype):
+    """The dtype a composite layer hands its sublayers: a DTypePolicyMap as
+    given (each sublayer finds its own policy by path: a quantized model's
+    saved config), else the layer's own policy."""
+    if isinstance(dtype, keras.dtype_policies.DTypePolicyMap):
+        return dtype
+    return layer.dtype_policy
+
+
+def _dtype_entry(layer, sublayers):
+    """The layer's "dtype" config entry where a sublayer's policy differs from
+    its own (Model.quantize quantizes the Dense sublayers): a DTypePolicyMap, so
+    a saved model rebuilds them quantized and its weights load. Else nothing
+    (Keras' own entry stands)."""
+    own = layer.dtype_policy
+    changed = {sub.path: sub.dtype_policy for sub in sublayers if sub is not None and sub.dtype_policy.name != own.name}
+    if not changed:
+        return {}
+    policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=own, policy_map=changed)
+    return {"dtype": keras.dtype_policies.serialize(policy_map)}
+
+
 @_serializable
 class DropPath(layers.Layer):
     """Stochastic depth: drops the whole residual branch per sample while training."""
@@ -679,6 +706,7 @@ class BiLSTM2D(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._sublayer_dtype = _sublayer_dtype(self, kwargs.get("dtype"))
         if rnn_type not in RNN_TYPES:
             raise ValueError(
                 f"Unrecognized rnn_type: {rnn_type!r}. Expected one of {RNN_TYPES}."
@@ -730,7 +758,7 @@ class BiLSTM2D(layers.Layer):
 
     def _make_rnn(self, name):
         rnn = make_recurrent_layer(
-            self.rnn_type, self.hidden_size, name=f"{name}_forward", dtype=self.dtype_policy
+            self.rnn_type, self.hidden_size, name=f"{name}_forward", dtype=self._sublayer_dtype
         )
         if not self.bidirectional:
             return rnn
@@ -755,7 +783,7 @@ class BiLSTM2D(layers.Layer):
             if rnn is not None:
                 rnn.build((None, None, channels))
         if self.with_fc:
-            self.fc = BiasFusedDense(channels, name="fc", dtype=self.dtype_policy)
+            self.fc = BiasFusedDense(channels, name="fc", dtype=self._sublayer_dtype)
             self.fc.build(tuple(input_shape[:-1]) + (self.union_size,))
 
     def call(self, x):
@@ -804,6 +832,7 @@ class BiLSTM2D(layers.Layer):
             "union": self.union,
             "with_fc": self.with_fc,
             "route": self.route,
+            **_dtype_entry(self, [self.fc]),
         }
 
 
@@ -833,7 +862,7 @@ class Sequencer2DBlock(layers.Layer):
         self.with_fc = bool(with_fc)
         self.drop_rate = float(drop_rate)
         self.drop_path_rate = float(drop_path_rate)
-        policy = self.dtype_policy
+        policy = self._sublayer_dtype = _sublayer_dtype(self, kwargs.get("dtype"))
         self.norm1 = layers.LayerNormalization(
             epsilon=LAYER_NORM_EPSILON, name="norm1", dtype=policy
         )
@@ -857,7 +886,7 @@ class Sequencer2DBlock(layers.Layer):
 
     def build(self, input_shape):
         dim = input_shape[-1]
-        policy = self.dtype_policy
+        policy = self._sublayer_dtype
         self.norm1.build(input_shape)
         self.rnn_tokens.build(input_shape)
         self.norm2.build(input_shape)
@@ -926,4 +955,5 @@ class Sequencer2DBlock(layers.Layer):
             "drop_rate": self.drop_rate,
             "drop_path_rate": self.drop_path_rate,
             "rnn_route": self.rnn_tokens.route,
+            **_dtype_entry(self, [self.fc1, self.fc2, self.rnn_tokens.fc]),
         }

@@ -423,10 +423,8 @@ def test_whole_block_form_steps_aside_for_int8_quantized_sublayers(rng, block_fo
     x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
     before = keras.ops.convert_to_numpy(block(x))
     assert calls == [block.name]
-    # Keras' model.quantize skips Dense subclasses (type_check); quantize the
-    # block's Dense layers as it would quantize a Dense.
     for dense in (block.fc1, block.fc2, block.rnn_tokens.fc):
-        dense.quantize("int8", type_check=False)
+        dense.quantize("int8")
     assert ks.layers.fused_call_blockers(block) == ["dtype policy or quantization"]
     after = keras.ops.convert_to_numpy(block(x))
     assert calls == [block.name]

@@ -96,3 +96,33 @@ def test_save_and_load_after_the_fused_block_has_run(tmp_path, rng):
     model.save(str(tmp_path / "m.keras"))
     loaded = keras.models.load_model(str(tmp_path / "m.keras"))
     np.testing.assert_allclose(run_model(loaded, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8"])
+def test_quantized_model_saves_and_loads(mode, tmp_path, rng):
+    """`model.quantize(...)` reaches every Dense of every block (the head, the
+    MLPs and the fc after the recurrences), and the saved model rebuilds them
+    quantized: its outputs come back exactly."""
+    import warnings
+
+    model = _small_model()
+    for variable in model.weights:
+        variable.assign(rng.normal(scale=0.3, size=variable.shape).astype(variable.dtype))
+    x = rng.uniform(0, 255, size=(2, 24, 20, 3)).astype("float32")
+    before = run_model(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras names every layer it cannot quantize (convs, norms)
+        model.quantize(mode)
+    dense = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense)]
+    assert len(dense) == 1 + 3 * sum(1 for layer in model.layers if isinstance(layer, ks.Sequencer2DBlock))
+    assert all(layer.quantization_mode == mode for layer in dense), [
+        (layer.path, layer.quantization_mode) for layer in dense
+    ]
+    quantized = run_model(model, x)
+    assert 0 < np.abs(quantized - before).max() < 0.05 * np.abs(before).max()
+    path = tmp_path / "quantized.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert all(layer.quantization_mode == mode for layer in loaded._flatten_layers()
+               if isinstance(layer, keras.layers.Dense))
+    np.testing.assert_array_equal(run_model(loaded, x), quantized)
