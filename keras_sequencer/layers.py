@@ -397,9 +397,10 @@ def fused_call_blockers(layer, training=None, inputs=None):
     """Why a BiLSTM2D or Sequencer2DBlock cannot run its sublayers' arithmetic
     in one call with torch ops (the "fused" route's whole-layer form); an empty
     list when it can. Whatever needs Keras' per-layer path makes it step aside:
-    another backend or route, a dtype policy other than plain float32 (mixed
-    precision, quantization), LoRA, torch autocast, a keras.distribution, and
-    dropout or drop path active in training."""
+    another backend or route, a dtype policy other than plain float32
+    (quantization, mixed precision; a block under mixed_bfloat16 without
+    autograd has a bfloat16 form), LoRA, torch autocast, a keras.distribution,
+    and dropout or drop path active in training."""
     if keras.backend.backend() != "torch":
         return ["backend"]
     blockers = []
@@ -905,7 +906,7 @@ class Sequencer2DBlock(layers.Layer):
     def __call__(self, *args, **kwargs):
         # The fused route's whole-block form on torch skips Keras' per-call
         # machinery too, where none of it applies: an eager call on a built
-        # block with one float32 torch tensor (not a symbolic or meta one) and
+        # block with one float32 or bfloat16 torch tensor (not a symbolic or meta one) and
         # at most `training`, known whenever dropout or drop path could act.
         if (
             len(args) == 1
