@@ -15,7 +15,6 @@ Records the CPU and its bf16/AMX flags; writes benchmarks/results/bf16_cpu_<back
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -26,18 +25,7 @@ import torch
 import keras  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
-
-
-def cpu():
-    name, flags = platform.processor(), set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx"))
-    return {"model": name, "flags": wanted, "bf16_hardware": "avx512_bf16" in flags or "amx_bf16" in flags}
+from machine import cpu_info  # noqa: E402
 
 
 def keras_model(state_dict, policy, size):
@@ -109,7 +97,7 @@ def main():
     exact, low = np.concatenate(exact), np.concatenate(low)
     result = {
         "backend": keras.backend.backend(),
-        "cpu": cpu(),
+        "cpu": cpu_info(),
         "versions": {"keras": keras.__version__, "torch": torch.__version__, "timm": timm.__version__},
         "batch": args.batch, "size": args.size, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
         "images_per_s": {k: round(v, 3) for k, v in speed.items()},

@@ -30,23 +30,10 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_info
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("torch", "jax", "tensorflow")
-
-
-def cpu_info():
-    model, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx")]
-    return {"model": model, "flags": wanted, "cores": os.cpu_count()}
 
 
 def alternate(functions, calls, warmup=3):

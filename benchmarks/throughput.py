@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_info
+
 ENGINES = ("timm", "tensorflow", "jax", "torch")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -150,7 +152,7 @@ def versions():
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "machine": platform.machine(),
-           "processor": platform.processor(), "cpus": os.cpu_count(), **cpu_model_and_flags()}
+           "processor": platform.processor(), "cpus": os.cpu_count(), "cpu": cpu_info()}
     for name in ("keras", "tensorflow-cpu", "tensorflow", "jax", "torch", "timm"):
         try:
             out[name] = md.version(name)
@@ -165,21 +167,6 @@ def markdown(results):
         ratio = f"{r['ratio_to_timm']:.2f}x" if r["ratio_to_timm"] is not None else "-"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['engine']} | {r['img_s']:.2f} | {ratio} |")
     return "\n".join(lines)
-
-
-def cpu_model_and_flags():
-    model, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx")]
-    return {"cpu_model": model, "cpu_flags": wanted}
 
 
 def main():

@@ -81,17 +81,21 @@ def _tiny_model():
                           input_shape=(4, 4, 3), classes=3, weights=None)
 
 
+def _save_tiny_model(folder):
+    """tiny.keras, an input x.npy and its outputs y.npy, for a fresh process to load and check."""
+    model = _tiny_model()
+    model.save(folder / "tiny.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (1, 4, 4, 3)).astype("float32")
+    np.save(folder / "x.npy", x)
+    np.save(folder / "y.npy", run_model(model, x))
+
+
 @run_once
 @pytest.mark.parametrize("keras_first", [False, True], ids=["package_first", "keras_first"])
 def test_saved_model_loads_after_plain_import(keras_first, tmp_path):
     """`import keras_sequencer` alone (no ks. attribute touched) registers the
     layers for keras.models.load_model, whichever of the two is imported first."""
-    path = tmp_path / "tiny.keras"
-    model = _tiny_model()
-    model.save(path)
-    x = np.random.default_rng(0).uniform(0, 255, (1, 4, 4, 3)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", run_model(model, x))
+    _save_tiny_model(tmp_path)
     imports = "import keras\nimport keras_sequencer\n" if keras_first else "import keras_sequencer\nimport keras\n"
     script = imports + (
         "import sys\n"
@@ -115,12 +119,7 @@ def test_layers_module_first_imports_and_registers(first, tmp_path):
     """The layers module as the first thing touched imports keras itself while
     half-built; registration waits until it is done (it once failed with a
     circular import), and a saved model still loads."""
-    path = tmp_path / "tiny.keras"
-    model = _tiny_model()
-    model.save(path)
-    x = np.random.default_rng(0).uniform(0, 255, (1, 4, 4, 3)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", run_model(model, x))
+    _save_tiny_model(tmp_path)
     script = first + (
         "import keras\n"
         "import numpy as np\n"
