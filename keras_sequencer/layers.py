@@ -320,8 +320,8 @@ def _torch_rnn_weights(rnn, rnn_type, cache):
 
 
 # Sequences this short run unrolled in torch ops on CPU: oneDNN's LSTM has a
-# fixed cost per call that two steps do not repay (BENCHMARKS.md, "Short
-# sequences").
+# fixed cost per call that two steps do not repay (BENCHMARKS.md, "Issue 13,
+# third round": the short-sequence table).
 UNROLL_MAX_STEPS = 2
 
 
@@ -748,7 +748,7 @@ class BiLSTM2D(layers.Layer):
                 return tensorflow_fused_lstm(rnn, sequences)
             # Mixed precision: TensorFlow has no bfloat16 recurrent kernel on
             # CPU, and BlockLSTM in float32 outruns Keras' loop in bfloat16
-            # (BENCHMARKS.md, "bf16 on CPUs").
+            # (BENCHMARKS.md, "Issue 13, third round").
             return ops.cast(tensorflow_fused_lstm(rnn, ops.cast(sequences, "float32")), sequences.dtype)
         if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(sequences.dtype) != "float32":
             # JAX's cuDNN RNN (jax.experimental.rnn) fails to lower bfloat16
