@@ -307,16 +307,22 @@ def _torch_rnn_weights(rnn, rnn_type, cache):
     if torch.is_grad_enabled():
         return [w for cell in cells for w in _direction_params(cell, rnn_type)]
     sources = tuple(v.value for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
-    versions = tuple(t._version for t in sources)
     if sources[0].is_meta:
         return [w for cell in cells for w in _direction_params(cell, rnn_type)]
-    same = len(sources) == len(cache.sources) and all(a is b for a, b in zip(sources, cache.sources))
-    if not (same and versions == cache.versions):
+    if not _same_tensors(sources, cache.sources, cache.versions):
         cache.clear()
         with torch.inference_mode(False), torch.no_grad():
             cache.params = [w for cell in cells for w in _direction_params(cell, rnn_type, contiguous=True)]
-        cache.sources, cache.versions = sources, versions
+        cache.sources, cache.versions = sources, tuple(t._version for t in sources)
     return cache.params
+
+
+def _same_tensors(sources, held, versions):
+    """Whether `sources` are the very tensors `held`, unchanged in place since
+    their `versions` were read: copies made from them then are still good."""
+    return len(sources) == len(held) and all(
+        a is b and a._version == version for a, b, version in zip(sources, held, versions)
+    )
 
 
 # Sequences this short run unrolled in torch ops on CPU: oneDNN's LSTM has a
@@ -522,10 +528,7 @@ class _Bfloat16Weights:
             self.fc, self.fc1, self.fc2 = pair(tokens.fc), pair(fc1), pair(fc2)
 
     def current(self, block):
-        sources = _bfloat16_sources(block)
-        return len(sources) == len(self.sources) and all(
-            a is b and a._version == version for a, b, version in zip(sources, self.sources, self.versions)
-        )
+        return _same_tensors(_bfloat16_sources(block), self.sources, self.versions)
 
 
 def _bfloat16_sources(block):
