@@ -1,6 +1,7 @@
 """Sequencer2D building blocks as Keras 3 layers (channels-last everywhere)."""
 
 import contextlib
+import functools
 import math
 import warnings
 import weakref
@@ -174,9 +175,71 @@ def _icfo(w):
     return tf.concat([i, c, f, o], axis=-1)
 
 
+# Sequences up to this many steps run on TensorFlow's fused route as one
+# XLA-compiled, unrolled recurrence after a single input projection; longer ones
+# run BlockLSTM, as XLA's compile time grows with the steps (BENCHMARKS.md,
+# "Issue 13, fourth round").
+TENSORFLOW_UNROLL_MAX_STEPS = 32
+
+
 def tensorflow_fused_lstm(rnn, sequences):
-    """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences with
-    TensorFlow's BlockLSTM, one op per direction. Not BlockLSTMV2: it shares
+    """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences on
+    TensorFlow, in the dtype of `sequences`. The recurrence runs in float32
+    (TensorFlow has no bfloat16 LSTM kernel on CPU)."""
+    steps = sequences.shape[1]
+    if steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
+        return _tensorflow_unrolled_lstm(rnn, sequences)
+    if keras.backend.standardize_dtype(sequences.dtype) == "float32":
+        return _tensorflow_block_lstm(rnn, sequences)
+    # Mixed precision: BlockLSTM in float32 outruns Keras' loop in bfloat16
+    # (BENCHMARKS.md, "Issue 13, third round").
+    return ops.cast(_tensorflow_block_lstm(rnn, ops.cast(sequences, "float32")), sequences.dtype)
+
+
+def _tensorflow_unrolled_lstm(rnn, sequences):
+    """The input projection of every step and direction as one matrix product in
+    the compute dtype (oneDNN), then the recurrence in float32 as one XLA call."""
+    import tensorflow as tf
+
+    directions = directions_of(rnn)
+    dtype = sequences.dtype
+    # The variables themselves: inside a mixed-precision call Keras' value is a
+    # bfloat16 copy.
+    kernel = tf.concat([ops.cast(keras_compat.stored_value(d.cell.kernel), dtype) for d in directions], -1)
+    bias = tf.concat([ops.cast(keras_compat.stored_value(d.cell.bias), dtype) for d in directions], -1)
+    recurrent = tf.stack([keras_compat.stored_value(d.cell.recurrent_kernel) for d in directions])
+    batch, steps, channels = tf.shape(sequences)[0], sequences.shape[1], sequences.shape[2]
+    projected = tf.nn.bias_add(tf.matmul(tf.reshape(sequences, (-1, channels)), kernel), bias)
+    projected = tf.reshape(tf.cast(projected, "float32"), (batch, steps, len(directions), -1))
+    backward = [d.go_backwards for d in directions]
+    return tf.cast(_xla_recurrence()(projected, recurrent, backward), dtype)
+
+
+@functools.cache
+def _xla_recurrence():
+    import tensorflow as tf
+
+    def recurrence(projected, recurrent, backward):
+        # projected: (N, T, D, 4H) gate inputs of D directions; recurrent: (D, H, 4H).
+        steps, directions = projected.shape[1], projected.shape[2]
+        units = recurrent.shape[1]
+        h = c = tf.zeros((directions, tf.shape(projected)[0], units), projected.dtype)
+        outputs = [[None] * steps for _ in range(directions)]
+        for step in range(steps):
+            at = [steps - 1 - step if back else step for back in backward]
+            gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + tf.matmul(h, recurrent)
+            i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(candidate)
+            h = tf.sigmoid(o) * tf.tanh(c)
+            for d, t in enumerate(at):
+                outputs[d][t] = h[d]
+        return tf.concat([tf.stack(steps_of_d, axis=1) for steps_of_d in outputs], axis=-1)
+
+    return tf.function(recurrence, jit_compile=True)
+
+
+def _tensorflow_block_lstm(rnn, sequences):
+    """TensorFlow's BlockLSTM, one op per direction. Not BlockLSTMV2: it shares
     Keras' gate order, but its registered gradient is wrong in TF 2.21 (measured:
     outputs match, input gradients do not)."""
     import tensorflow as tf
@@ -747,12 +810,7 @@ class BiLSTM2D(layers.Layer):
         if self.selected_route == "fused":
             if keras.backend.backend() == "torch":
                 return torch_fused_rnn(rnn, self.rnn_type, sequences)
-            if keras.backend.standardize_dtype(sequences.dtype) == "float32":
-                return tensorflow_fused_lstm(rnn, sequences)
-            # Mixed precision: TensorFlow has no bfloat16 recurrent kernel on
-            # CPU, and BlockLSTM in float32 outruns Keras' loop in bfloat16
-            # (BENCHMARKS.md, "Issue 13, third round").
-            return ops.cast(tensorflow_fused_lstm(rnn, ops.cast(sequences, "float32")), sequences.dtype)
+            return tensorflow_fused_lstm(rnn, sequences)
         if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(sequences.dtype) != "float32":
             # JAX's cuDNN RNN (jax.experimental.rnn) fails to lower bfloat16
             # ("Unknown output type bfloat16", measured on an H200).

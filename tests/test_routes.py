@@ -117,9 +117,25 @@ def _flows(name, grid):
     return not ("recurrent_kernel" in name and steps == 1)
 
 
+# TensorFlow's fused route has two forms: sequences of up to
+# layers.TENSORFLOW_UNROLL_MAX_STEPS steps as an XLA-compiled unrolled
+# recurrence, longer ones through BlockLSTM. A limit of 0 puts every sequence
+# on BlockLSTM, so both forms meet the same checks on small grids.
+TENSORFLOW_FORMS = ["unrolled", "block"] if BACKEND == "tensorflow" else ["unrolled"]
+
+
+@pytest.fixture(params=TENSORFLOW_FORMS)
+def tensorflow_form(request, monkeypatch):
+    from keras_sequencer import layers as layers_module
+
+    if request.param == "block":
+        monkeypatch.setattr(layers_module, "TENSORFLOW_UNROLL_MAX_STEPS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 @pytest.mark.parametrize("kwargs", FUSED_CASES)
-def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng):
+def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng, tensorflow_form):
     if not _has_fused(kwargs["rnn_type"]):
         pytest.skip(f"no fused {kwargs['rnn_type']} kernel on {BACKEND}")
     layer = ks.BiLSTM2D(6, **kwargs)
@@ -159,7 +175,7 @@ def test_fused_route_trains_a_model(rng):
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused route under mixed precision")
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float32(policy, rng):
+def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float32(policy, rng, tensorflow_form):
     """No bfloat16/float16 BlockLSTM on CPU: the fused route runs the float32
     kernel on the float32 variables inside a mixed-precision layer. Outputs
     within the compute dtype's rounding of the float32 layer's (the block's
@@ -183,6 +199,32 @@ def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float3
     assert np.abs(got - expected).max() <= np.abs(expected).max() * 2.0**-6
     grads = tape.gradient(loss, [inputs] + mixed.trainable_variables)
     assert all(g is not None and np.isfinite(tf.cast(g, "float32").numpy()).all() for g in grads)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's two fused forms")
+def test_tensorflow_fused_route_unrolls_short_sequences_with_xla(rng):
+    """3-step columns run as one XLA-compiled call for both directions, 34-step
+    rows (over layers.TENSORFLOW_UNROLL_MAX_STEPS) as a BlockLSTM per direction;
+    together equal to Keras' loops."""
+    import tensorflow as tf
+
+    from keras_sequencer import layers as layers_module
+
+    assert layers_module.TENSORFLOW_UNROLL_MAX_STEPS < 34
+    layer = ks.BiLSTM2D(4, route="fused")
+    x = rng.normal(size=(2, 3, 34, 5)).astype("float32")
+    layer.build(x.shape)
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    types = [op.type for op in graph.get_operations()]
+    compiled = [
+        op for op in graph.get_operations()
+        if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")
+    ]
+    assert types.count("BlockLSTM") == 2
+    assert len(compiled) == 1
+    fused = layer(x).numpy()
+    layer.route = "keras"
+    assert np.abs(fused - layer(x).numpy()).max() <= TOLERANCE
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's cuDNN RNN is the one without bfloat16")
