@@ -222,18 +222,17 @@ def _xla_recurrence():
     def recurrence(projected, recurrent, backward):
         # projected: (N, T, D, 4H) gate inputs of D directions; recurrent: (D, H, 4H).
         steps, directions = projected.shape[1], projected.shape[2]
-        units = recurrent.shape[1]
-        h = c = tf.zeros((directions, tf.shape(projected)[0], units), projected.dtype)
-        outputs = [[None] * steps for _ in range(directions)]
+        h = c = tf.zeros((directions, tf.shape(projected)[0], recurrent.shape[1]), projected.dtype)
+        outputs = []
         for step in range(steps):
             at = [steps - 1 - step if back else step for back in backward]
             gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + tf.matmul(h, recurrent)
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
             c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(candidate)
             h = tf.sigmoid(o) * tf.tanh(c)
-            for d, t in enumerate(at):
-                outputs[d][t] = h[d]
-        return tf.concat([tf.stack(steps_of_d, axis=1) for steps_of_d in outputs], axis=-1)
+            outputs.append(h)
+        outputs = tf.stack(outputs, axis=2)  # (D, N, T, H), in processing order
+        return tf.concat([tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)], -1)
 
     return tf.function(recurrence, jit_compile=True)
 
