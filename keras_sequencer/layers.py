@@ -182,12 +182,14 @@ def _icfo(w):
 TENSORFLOW_UNROLL_MAX_STEPS = 32
 
 
-def tensorflow_fused_lstm(rnn, sequences):
+def tensorflow_fused_lstm(rnn, sequences, training=None):
     """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences on
     TensorFlow, in the dtype of `sequences`. The recurrence runs in float32
-    (TensorFlow has no bfloat16 LSTM kernel on CPU)."""
+    (TensorFlow has no bfloat16 LSTM kernel on CPU). In training BlockLSTM runs
+    whatever the length: its gradient kernel outruns the gradient of the unrolled
+    form at training batch sizes."""
     steps = sequences.shape[1]
-    if steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
+    if not training and steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
         return _tensorflow_unrolled_lstm(rnn, sequences)
     if keras.backend.standardize_dtype(sequences.dtype) == "float32":
         return _tensorflow_block_lstm(rnn, sequences)
@@ -805,11 +807,11 @@ class BiLSTM2D(layers.Layer):
         # BlockLSTM has no XLA kernel.
         self.supports_jit = not (self.selected_route == "fused" and keras.backend.backend() == "tensorflow")
 
-    def _run(self, rnn, sequences):
+    def _run(self, rnn, sequences, training):
         if self.selected_route == "fused":
             if keras.backend.backend() == "torch":
                 return torch_fused_rnn(rnn, self.rnn_type, sequences)
-            return tensorflow_fused_lstm(rnn, sequences)
+            return tensorflow_fused_lstm(rnn, sequences, training)
         if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(sequences.dtype) != "float32":
             # JAX's cuDNN RNN (jax.experimental.rnn) fails to lower bfloat16
             # ("Unknown output type bfloat16", measured on an H200).
@@ -847,7 +849,7 @@ class BiLSTM2D(layers.Layer):
             self.fc = BiasFusedDense(channels, name="fc", dtype=self._sublayer_dtype)
             self.fc.build(tuple(input_shape[:-1]) + (self.union_size,))
 
-    def call(self, x):
+    def call(self, x, training=None):
         if self.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, inputs=x):
                 return _torch_bilstm2d(self, x)
@@ -857,12 +859,12 @@ class BiLSTM2D(layers.Layer):
         if self.with_vertical:
             v = ops.transpose(x, (0, 2, 1, 3))
             v = ops.reshape(v, (-1, height, channels))
-            v = self._run(self.rnn_v, v)
+            v = self._run(self.rnn_v, v, training)
             v = ops.reshape(v, (batch, width, height, self.output_size))
             outputs.append(ops.transpose(v, (0, 2, 1, 3)))
         if self.with_horizontal:
             h = ops.reshape(x, (-1, width, channels))
-            h = self._run(self.rnn_h, h)
+            h = self._run(self.rnn_h, h, training)
             outputs.append(ops.reshape(h, (batch, height, width, self.output_size)))
         if len(outputs) == 2:
             if self.union == "cat":

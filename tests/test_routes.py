@@ -192,7 +192,7 @@ def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float3
     inputs = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(inputs)
-        outputs = tf.function(lambda a: mixed(a, training=True))(inputs)
+        outputs = tf.function(lambda a: mixed(a, training=False))(inputs)
         loss = tf.reduce_sum(tf.cast(outputs, "float32"))
     assert outputs.dtype == policy.split("_")[1]
     got = tf.cast(outputs, "float32").numpy()
@@ -201,30 +201,37 @@ def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float3
     assert all(g is not None and np.isfinite(tf.cast(g, "float32").numpy()).all() for g in grads)
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's two fused forms")
-def test_tensorflow_fused_route_unrolls_short_sequences_with_xla(rng):
-    """3-step columns run as one XLA-compiled call for both directions, 34-step
-    rows (over layers.TENSORFLOW_UNROLL_MAX_STEPS) as a BlockLSTM per direction;
-    together equal to Keras' loops."""
+def _tensorflow_graph_kernels(fn, x):
+    """(BlockLSTM ops, XLA-compiled calls) in the graph `fn` traces for `x`."""
     import tensorflow as tf
 
+    graph = tf.function(fn).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    operations = graph.get_operations()
+    compiled = [op for op in operations if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")]
+    return [op.type for op in operations].count("BlockLSTM"), len(compiled)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's two fused forms")
+def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
+    """In inference 3-step columns run as one XLA-compiled call for both
+    directions and 34-step rows (over layers.TENSORFLOW_UNROLL_MAX_STEPS) as a
+    BlockLSTM per direction; in training (Keras passes `training` down from the
+    block) every sequence runs BlockLSTM. Each equal to Keras' loops."""
     from keras_sequencer import layers as layers_module
 
     assert layers_module.TENSORFLOW_UNROLL_MAX_STEPS < 34
-    layer = ks.BiLSTM2D(4, route="fused")
-    x = rng.normal(size=(2, 3, 34, 5)).astype("float32")
-    layer.build(x.shape)
-    graph = tf.function(layer).get_concrete_function(tf.TensorSpec(x.shape)).graph
-    types = [op.type for op in graph.get_operations()]
-    compiled = [
-        op for op in graph.get_operations()
-        if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")
-    ]
-    assert types.count("BlockLSTM") == 2
-    assert len(compiled) == 1
-    fused = layer(x).numpy()
+    block = ks.Sequencer2DBlock(4, mlp_ratio=2.0, rnn_route="fused")
+    x = rng.normal(size=(2, 3, 34, 6)).astype("float32")
+    block.build(x.shape)
+    assert _tensorflow_graph_kernels(lambda a: block(a, training=False), x) == (2, 1)
+    assert _tensorflow_graph_kernels(lambda a: block(a, training=True), x) == (4, 0)
+    layer = block.rnn_tokens
+    assert _tensorflow_graph_kernels(layer, x) == (2, 1)
+    fused = {training: layer(x, training=training).numpy() for training in (False, True)}
     layer.route = "keras"
-    assert np.abs(fused - layer(x).numpy()).max() <= TOLERANCE
+    expected = layer(x).numpy()
+    for training, outputs in fused.items():
+        assert np.abs(outputs - expected).max() <= TOLERANCE, training
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's cuDNN RNN is the one without bfloat16")

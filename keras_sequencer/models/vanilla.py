@@ -114,21 +114,21 @@ class VanillaSequencerBlock(layers.Layer):
         shape = ops.shape(x)
         batch, height, width, channels = shape[0], shape[1], shape[2], x.shape[-1]
         tokens = ops.reshape(self.norm1(x), (batch, height * width, channels))
-        tokens = ops.reshape(self._run(tokens), (batch, height, width, channels))
+        tokens = ops.reshape(self._run(tokens, training), (batch, height, width, channels))
         x = x + drop_path(tokens, training=training)
         y = gelu_exact(self.fc1(self.norm2(x)))
         y = dropout(y, training=training)
         y = dropout(self.fc2(y), training=training)
         return x + drop_path(y, training=training)
 
-    def _run(self, sequences):
+    def _run(self, sequences, training):
         # The same choices as BiLSTM2D._run, for one Bidirectional(LSTM).
         float32 = keras.backend.standardize_dtype(sequences.dtype) == "float32"
         if self.selected_route == "fused":
             if keras.backend.backend() == "torch":
                 return torch_fused_rnn(self.rnn_tokens, "lstm", sequences)
             if float32:
-                return tensorflow_fused_lstm(self.rnn_tokens, sequences)
+                return tensorflow_fused_lstm(self.rnn_tokens, sequences, training)
             # Mixed precision on TensorFlow: Keras' loop, which takes any dtype.
         if keras.backend.backend() == "jax" and not float32:
             # JAX's cuDNN RNN fails to lower bfloat16 (see BiLSTM2D._run).
