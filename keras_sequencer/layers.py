@@ -185,11 +185,17 @@ TENSORFLOW_UNROLL_MAX_STEPS = 32
 def tensorflow_fused_lstm(rnn, sequences, training=None):
     """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences on
     TensorFlow, in the dtype of `sequences`. The recurrence runs in float32
-    (TensorFlow has no bfloat16 LSTM kernel on CPU). In training BlockLSTM runs
-    whatever the length: its gradient kernel outruns the gradient of the unrolled
-    form at training batch sizes."""
+    (TensorFlow has no bfloat16 LSTM kernel on CPU).
+
+    The unrolled form is for traced inference (`predict`, `tf.function`,
+    serving), where its compilation is paid once per shape. BlockLSTM runs
+    everything else: training, where its gradient kernel outruns the unrolled
+    form's, and eager calls, which would pay the compilation for one call."""
+    import tensorflow as tf
+
     steps = sequences.shape[1]
-    if not training and steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
+    unrolled = not training and not tf.executing_eagerly()
+    if unrolled and steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
         return _tensorflow_unrolled_lstm(rnn, sequences)
     if keras.backend.standardize_dtype(sequences.dtype) == "float32":
         return _tensorflow_block_lstm(rnn, sequences)

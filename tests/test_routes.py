@@ -88,7 +88,7 @@ def _outputs_and_gradients(layer, x, weights):
     inputs = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(inputs)
-        outputs = layer(inputs)
+        outputs = tf.function(layer)(inputs)  # traced, as predict and fit run it
         loss = tf.reduce_sum(outputs * weights)
     grads = tape.gradient(loss, [inputs] + [v.value for v in variables])
     return [outputs.numpy()] + [g.numpy() for g in grads]
@@ -216,7 +216,12 @@ def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
     """In inference 3-step columns run as one XLA-compiled call for both
     directions and 34-step rows (over layers.TENSORFLOW_UNROLL_MAX_STEPS) as a
     BlockLSTM per direction; in training (Keras passes `training` down from the
-    block) every sequence runs BlockLSTM. Each equal to Keras' loops."""
+    block) and in eager calls every sequence runs BlockLSTM. Each equal to
+    Keras' loops."""
+    from unittest import mock
+
+    import tensorflow as tf
+
     from keras_sequencer import layers as layers_module
 
     assert layers_module.TENSORFLOW_UNROLL_MAX_STEPS < 34
@@ -227,7 +232,9 @@ def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
     assert _tensorflow_graph_kernels(lambda a: block(a, training=True), x) == (4, 0)
     layer = block.rnn_tokens
     assert _tensorflow_graph_kernels(layer, x) == (2, 1)
-    fused = {training: layer(x, training=training).numpy() for training in (False, True)}
+    fused = {training: tf.function(layer)(x, training=training).numpy() for training in (False, True)}
+    with mock.patch.object(layers_module, "_tensorflow_unrolled_lstm", side_effect=AssertionError):
+        fused["eager"] = layer(x).numpy()  # BlockLSTM: one eager call would pay a compilation
     layer.route = "keras"
     expected = layer(x).numpy()
     for training, outputs in fused.items():
