@@ -184,8 +184,8 @@ TENSORFLOW_UNROLL_MAX_STEPS = 32
 
 def tensorflow_fused_lstm(rnn, sequences, training=None):
     """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences on
-    TensorFlow, in the dtype of `sequences`. The recurrence runs in float32
-    (TensorFlow has no bfloat16 LSTM kernel on CPU).
+    TensorFlow, in the dtype of `sequences`. The recurrent state stays in
+    float32 (TensorFlow has no bfloat16 LSTM kernel on CPU).
 
     The unrolled form is for traced inference (`predict`, `tf.function`,
     serving), where its compilation is paid once per shape. BlockLSTM runs
@@ -215,12 +215,12 @@ def _tensorflow_unrolled_lstm(rnn, sequences):
     # bfloat16 copy.
     kernel = tf.concat([ops.cast(keras_compat.stored_value(d.cell.kernel), dtype) for d in directions], -1)
     bias = tf.concat([ops.cast(keras_compat.stored_value(d.cell.bias), dtype) for d in directions], -1)
-    recurrent = tf.stack([keras_compat.stored_value(d.cell.recurrent_kernel) for d in directions])
+    recurrent = tf.stack([ops.cast(keras_compat.stored_value(d.cell.recurrent_kernel), dtype) for d in directions])
     batch, steps, channels = tf.shape(sequences)[0], sequences.shape[1], sequences.shape[2]
     projected = tf.nn.bias_add(tf.matmul(tf.reshape(sequences, (-1, channels)), kernel), bias)
-    projected = tf.reshape(tf.cast(projected, "float32"), (batch, steps, len(directions), -1))
+    projected = tf.reshape(projected, (batch, steps, len(directions), -1))
     backward = [d.go_backwards for d in directions]
-    return tf.cast(_xla_recurrence()(projected, recurrent, backward), dtype)
+    return _xla_recurrence()(projected, recurrent, backward)
 
 
 @functools.cache
@@ -229,20 +229,57 @@ def _xla_recurrence():
 
     def recurrence(projected, recurrent, backward):
         # projected: (N, T, D, 4H) gate inputs of D directions; recurrent: (D, H, 4H).
+        # Both in the compute dtype; the state and the gates stay in float32.
+        dtype = projected.dtype
         steps, directions = projected.shape[1], projected.shape[2]
-        h = c = tf.zeros((directions, tf.shape(projected)[0], recurrent.shape[1]), projected.dtype)
+        projected = tf.cast(projected, "float32")
+        h = c = tf.zeros((directions, tf.shape(projected)[0], recurrent.shape[1]), "float32")
         outputs = []
         for step in range(steps):
             at = [steps - 1 - step if back else step for back in backward]
-            gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + tf.matmul(h, recurrent)
+            recurrent_part = tf.cast(tf.matmul(tf.cast(h, dtype), recurrent), "float32")
+            gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + recurrent_part
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
             c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(candidate)
             h = tf.sigmoid(o) * tf.tanh(c)
             outputs.append(h)
         outputs = tf.stack(outputs, axis=2)  # (D, N, T, H), in processing order
-        return tf.concat([tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)], -1)
+        outputs = [tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)]
+        return tf.cast(tf.concat(outputs, -1), dtype)
 
     return tf.function(recurrence, jit_compile=True)
+
+
+def tensorflow_xla_norm_applies(block, training=None):
+    """Whether a block's LayerNorms run as tensorflow_layer_norm: TensorFlow's
+    fused route in traced inference, as for the unrolled recurrence."""
+    if keras.backend.backend() != "tensorflow" or block.rnn_tokens.selected_route != "fused" or training:
+        return False
+    import tensorflow as tf
+
+    return not tf.executing_eagerly()
+
+
+def tensorflow_layer_norm(norm, x):
+    """A LayerNormalization over the last axis as one XLA call (statistics in
+    float32, output in the dtype of `x`, as Keras computes it): TensorFlow runs
+    Keras' form as about ten separate passes over the tensor (BENCHMARKS.md)."""
+    values = (keras_compat.stored_value(norm.gamma), keras_compat.stored_value(norm.beta))
+    return _xla_layer_norm(float(norm.epsilon))(x, *values)
+
+
+@functools.cache
+def _xla_layer_norm(epsilon):
+    import tensorflow as tf
+
+    def layer_norm(x, gamma, beta):
+        y = tf.cast(x, "float32")
+        mean = tf.reduce_mean(y, -1, keepdims=True)
+        centered = y - mean
+        variance = tf.reduce_mean(tf.square(centered), -1, keepdims=True)
+        return tf.cast(centered * (tf.math.rsqrt(variance + epsilon) * gamma) + beta, x.dtype)
+
+    return tf.function(layer_norm, jit_compile=True)
 
 
 def _tensorflow_block_lstm(rnn, sequences):
@@ -999,11 +1036,15 @@ class Sequencer2DBlock(layers.Layer):
         # cost on torch (BENCHMARKS.md, host time).
         drop_path = self.drop_path if training and self.drop_path_rate > 0 else _identity
         dropout = self.mlp_dropout if training and self.drop_rate > 0 else _identity
-        x = x + drop_path(self.rnn_tokens(self.norm1(x)), training=training)
+        norm1, norm2 = self.norm1, self.norm2
+        if tensorflow_xla_norm_applies(self, training):
+            norm1 = functools.partial(tensorflow_layer_norm, self.norm1)
+            norm2 = functools.partial(tensorflow_layer_norm, self.norm2)
+        x = x + drop_path(self.rnn_tokens(norm1(x)), training=training)
         if dropout is _identity and tensorflow_fused_mlp_applies(self):
-            y = tensorflow_fused_mlp(self.fc1, self.fc2, self.norm2(x))
+            y = tensorflow_fused_mlp(self.fc1, self.fc2, norm2(x))
         else:
-            y = self.fc1(self.norm2(x))
+            y = self.fc1(norm2(x))
             y = gelu_exact(y)
             y = dropout(y, training=training)
             y = dropout(self.fc2(y), training=training)

@@ -175,9 +175,10 @@ def test_fused_route_trains_a_model(rng):
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused route under mixed precision")
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float32(policy, rng, tensorflow_form):
+def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(policy, rng, tensorflow_form):
     """No bfloat16/float16 BlockLSTM on CPU: the fused route runs the float32
-    kernel on the float32 variables inside a mixed-precision layer. Outputs
+    kernel on the float32 variables inside a mixed-precision layer (the
+    unrolled form: products in the compute dtype, state in float32). Outputs
     within the compute dtype's rounding of the float32 layer's (the block's
     fused MLP included), and gradients reach every variable."""
     import tensorflow as tf
@@ -202,22 +203,33 @@ def test_mixed_precision_fused_route_on_tensorflow_runs_the_recurrence_in_float3
 
 
 def _tensorflow_graph_kernels(fn, x):
-    """(BlockLSTM ops, XLA-compiled calls) in the graph `fn` traces for `x`."""
+    """(BlockLSTM ops, XLA-compiled recurrences, XLA-compiled LayerNorms) in
+    the graph `fn` traces for `x`."""
     import tensorflow as tf
 
     graph = tf.function(fn).get_concrete_function(tf.TensorSpec(x.shape)).graph
     operations = graph.get_operations()
-    compiled = [op for op in operations if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")]
-    return [op.type for op in operations].count("BlockLSTM"), len(compiled)
+    compiled = [
+        op.get_attr("f").name
+        for op in operations
+        if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")
+    ]
+    assert all("recurrence" in name or "layer_norm" in name for name in compiled), compiled
+    return (
+        [op.type for op in operations].count("BlockLSTM"),
+        sum("recurrence" in name for name in compiled),
+        sum("layer_norm" in name for name in compiled),
+    )
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's two fused forms")
 def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
     """In inference 3-step columns run as one XLA-compiled call for both
     directions and 34-step rows (over layers.TENSORFLOW_UNROLL_MAX_STEPS) as a
-    BlockLSTM per direction; in training (Keras passes `training` down from the
-    block) and in eager calls every sequence runs BlockLSTM. Each equal to
-    Keras' loops."""
+    BlockLSTM per direction, and the block's two LayerNorms as one XLA-compiled
+    call each; in training (Keras passes `training` down from the block) and
+    in eager calls every sequence runs BlockLSTM and the LayerNorms run as
+    Keras' layers. Each equal to Keras' route."""
     from unittest import mock
 
     import tensorflow as tf
@@ -225,20 +237,24 @@ def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
     from keras_sequencer import layers as layers_module
 
     assert layers_module.TENSORFLOW_UNROLL_MAX_STEPS < 34
-    block = ks.Sequencer2DBlock(4, mlp_ratio=2.0, rnn_route="fused")
-    x = rng.normal(size=(2, 3, 34, 6)).astype("float32")
-    block.build(x.shape)
-    assert _tensorflow_graph_kernels(lambda a: block(a, training=False), x) == (2, 1)
-    assert _tensorflow_graph_kernels(lambda a: block(a, training=True), x) == (4, 0)
+    block = _block(rng, hidden=4, rnn_route="fused")  # non-zero LayerNorm and MLP weights
+    x = rng.normal(size=(2, 3, 34, 10)).astype("float32")
+    assert _tensorflow_graph_kernels(lambda a: block(a, training=False), x) == (2, 1, 2)
+    assert _tensorflow_graph_kernels(lambda a: block(a, training=True), x) == (4, 0, 0)
     layer = block.rnn_tokens
-    assert _tensorflow_graph_kernels(layer, x) == (2, 1)
+    assert _tensorflow_graph_kernels(layer, x) == (2, 1, 0)
     fused = {training: tf.function(layer)(x, training=training).numpy() for training in (False, True)}
     with mock.patch.object(layers_module, "_tensorflow_unrolled_lstm", side_effect=AssertionError):
         fused["eager"] = layer(x).numpy()  # BlockLSTM: one eager call would pay a compilation
+    blocks = {training: tf.function(block)(x, training=training).numpy() for training in (False, True)}
+    with mock.patch.object(layers_module, "tensorflow_layer_norm", side_effect=AssertionError):
+        blocks["eager"] = block(x).numpy()
     layer.route = "keras"
-    expected = layer(x).numpy()
+    expected, expected_block = layer(x).numpy(), tf.function(block)(x, training=False).numpy()
     for training, outputs in fused.items():
         assert np.abs(outputs - expected).max() <= TOLERANCE, training
+    for training, outputs in blocks.items():
+        assert np.abs(outputs - expected_block).max() <= TOLERANCE, training
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's cuDNN RNN is the one without bfloat16")
