@@ -730,7 +730,9 @@ def _torch_block(block, x):
 
 def _torch_block_bfloat16(block, x):
     """_torch_block under mixed_bfloat16, for inference: the per-layer path's
-    arithmetic (LayerNorm in float32, the rest in bfloat16) on weights cast once."""
+    arithmetic (LayerNorm in float32, the rest in bfloat16) on weights cast once.
+    ATen's LayerNorm takes the bfloat16 map with float32 weights and computes in
+    float32 itself: no float32 copy of the map."""
     import torch
     import torch.nn.functional as F
 
@@ -738,9 +740,9 @@ def _torch_block_bfloat16(block, x):
     _, tokens, *_, n1, n2, _, _ = _fused_sublayers(block)
     x = x.to(torch.bfloat16)
     shape = (x.shape[-1],)
-    y = F.layer_norm(x.float(), shape, n1.gamma.value, n1.beta.value, n1.epsilon).to(torch.bfloat16)
+    y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
     x = x + _torch_bilstm2d(tokens, y, bfloat16=weights)
-    y = F.layer_norm(x.float(), shape, n2.gamma.value, n2.beta.value, n2.epsilon).to(torch.bfloat16)
+    y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
     y = F.gelu(_linear(y, *weights.fc1))
     return x + _linear(y, *weights.fc2)
 
