@@ -206,93 +206,45 @@ def tensorflow_fused_lstm(rnn, sequences, training=None):
 
 def _tensorflow_unrolled_lstm(rnn, sequences):
     """The input projection of every step and direction as one matrix product in
-    the compute dtype (oneDNN), then the recurrence as one XLA call."""
+    the compute dtype (oneDNN), then the recurrence in float32 as one XLA call."""
+    import tensorflow as tf
+
     directions = directions_of(rnn)
-    projected = _tensorflow_projection(directions, sequences)  # (N, T, D, 4H)
-    return _tensorflow_recurrence(directions, projected, time_axis=1)
-
-
-def tensorflow_unrolled_bilstm2d_applies(layer, x, training=None):
-    """Whether a BiLSTM2D's axes run as tensorflow_unrolled_bilstm2d: the
-    fused route on TensorFlow in traced inference, every scanned axis of at
-    most TENSORFLOW_UNROLL_MAX_STEPS steps (as tensorflow_fused_lstm decides)."""
-    import tensorflow as tf
-
-    if training or tf.executing_eagerly():
-        return False
-    steps = [x.shape[axis] for axis, rnn in ((1, layer.rnn_v), (2, layer.rnn_h)) if rnn is not None]
-    return all(t is not None and t <= TENSORFLOW_UNROLL_MAX_STEPS for t in steps)
-
-
-def tensorflow_unrolled_bilstm2d(layer, x):
-    """Both axes of a BiLSTM2D on a (B, H, W, C) map: one input projection for
-    every axis and direction (pointwise, so taken on the map as it lies: no
-    transposes), then one XLA call per axis that steps along the map's own
-    axis. The outputs of each axis, (B, H, W, D * hidden)."""
-    axes = [(rnn, axis) for rnn, axis in ((layer.rnn_v, 1), (layer.rnn_h, 2)) if rnn is not None]
-    directions = [directions_of(rnn) for rnn, _ in axes]
-    projected = _tensorflow_projection([d for group in directions for d in group], x)  # (B, H, W, K, 4H)
-    outputs, first = [], 0
-    for group, (_, axis) in zip(directions, axes):
-        outputs.append(_tensorflow_recurrence(group, projected, time_axis=axis, first=first))
-        first += len(group)
-    return outputs
-
-
-def _tensorflow_projection(directions, x):
-    """x @ kernel + bias of every direction at once, in the compute dtype:
-    (..., C) -> (..., len(directions), 4H)."""
-    import tensorflow as tf
-
-    dtype = x.dtype
+    dtype = sequences.dtype
     # The variables themselves: inside a mixed-precision call Keras' value is a
     # bfloat16 copy.
     kernel = tf.concat([ops.cast(keras_compat.stored_value(d.cell.kernel), dtype) for d in directions], -1)
     bias = tf.concat([ops.cast(keras_compat.stored_value(d.cell.bias), dtype) for d in directions], -1)
-    shape = tf.shape(x)
-    projected = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
-    return tf.reshape(projected, tf.concat([shape[:-1], [len(directions), -1]], 0))
-
-
-def _tensorflow_recurrence(directions, projected, time_axis, first=0):
-    import tensorflow as tf
-
-    recurrent = tf.stack(
-        [ops.cast(keras_compat.stored_value(d.cell.recurrent_kernel), projected.dtype) for d in directions]
-    )
-    backward = tuple(d.go_backwards for d in directions)
-    return _xla_recurrence()(projected, recurrent, backward, time_axis, first)
+    recurrent = tf.stack([ops.cast(keras_compat.stored_value(d.cell.recurrent_kernel), dtype) for d in directions])
+    batch, steps, channels = tf.shape(sequences)[0], sequences.shape[1], sequences.shape[2]
+    projected = tf.nn.bias_add(tf.matmul(tf.reshape(sequences, (-1, channels)), kernel), bias)
+    projected = tf.reshape(projected, (batch, steps, len(directions), -1))
+    backward = [d.go_backwards for d in directions]
+    return _xla_recurrence()(projected, recurrent, backward)
 
 
 @functools.cache
 def _xla_recurrence():
     import tensorflow as tf
 
-    def recurrence(projected, recurrent, backward, time_axis, first):
-        # projected: (B, ..., K, 4H), gate inputs of K directions at every
-        # position; this recurrence runs directions first .. first + D - 1 of
-        # them along `time_axis`, each position of the other axes a sequence.
-        # recurrent: (D, H, 4H). Both in the compute dtype; the state and the
-        # gates stay in float32. Returns (B, ..., D * H).
+    def recurrence(projected, recurrent, backward):
+        # projected: (N, T, D, 4H) gate inputs of D directions; recurrent: (D, H, 4H).
+        # Both in the compute dtype; the state and the gates stay in float32.
         dtype = projected.dtype
-        steps, directions, units = projected.shape[time_axis], len(backward), recurrent.shape[1]
-        positions = tf.shape(tf.gather(projected[..., 0, 0], 0, axis=time_axis))  # the other axes
+        steps, directions = projected.shape[1], projected.shape[2]
         projected = tf.cast(projected, "float32")
-        h = c = tf.zeros((directions, tf.reduce_prod(positions), units), "float32")
+        h = c = tf.zeros((directions, tf.shape(projected)[0], recurrent.shape[1]), "float32")
         outputs = []
         for step in range(steps):
-            inputs = []
-            for d, back in enumerate(backward):
-                at = tf.gather(projected[..., first + d, :], steps - 1 - step if back else step, axis=time_axis)
-                inputs.append(tf.reshape(at, (-1, 4 * units)))
+            at = [steps - 1 - step if back else step for back in backward]
             recurrent_part = tf.cast(tf.matmul(tf.cast(h, dtype), recurrent), "float32")
-            gates = tf.stack(inputs) + recurrent_part
+            gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + recurrent_part
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
             c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(candidate)
             h = tf.sigmoid(o) * tf.tanh(c)
-            outputs.append(tf.reshape(h, tf.concat([[directions], positions, [units]], 0)))
-        outputs = tf.stack(outputs, axis=1 + time_axis)  # (D, B, ..., H), in processing order
-        outputs = [tf.reverse(outputs[d], [time_axis]) if back else outputs[d] for d, back in enumerate(backward)]
+            outputs.append(h)
+        outputs = tf.stack(outputs, axis=2)  # (D, N, T, H), in processing order
+        outputs = [tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)]
         return tf.cast(tf.concat(outputs, -1), dtype)
 
     return tf.function(recurrence, jit_compile=True)
@@ -946,12 +898,6 @@ class BiLSTM2D(layers.Layer):
         if self.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, inputs=x):
                 return _torch_bilstm2d(self, x)
-        if (
-            self.selected_route == "fused"
-            and keras.backend.backend() == "tensorflow"
-            and tensorflow_unrolled_bilstm2d_applies(self, x, training)
-        ):
-            return self._merge(tensorflow_unrolled_bilstm2d(self, x))
         shape = ops.shape(x)
         batch, height, width, channels = shape[0], shape[1], shape[2], x.shape[-1]
         outputs = []
@@ -965,10 +911,6 @@ class BiLSTM2D(layers.Layer):
             h = ops.reshape(x, (-1, width, channels))
             h = self._run(self.rnn_h, h, training)
             outputs.append(ops.reshape(h, (batch, height, width, self.output_size)))
-        return self._merge(outputs)
-
-    def _merge(self, outputs):
-        """The axes' (B, H, W, output_size) outputs, joined and fused."""
         if len(outputs) == 2:
             if self.union == "cat":
                 x = ops.concatenate(outputs, axis=-1)
