@@ -191,17 +191,23 @@ def tensorflow_fused_lstm(rnn, sequences, training=None):
     serving), where its compilation is paid once per shape. BlockLSTM runs
     everything else: training, where its gradient kernel outruns the unrolled
     form's, and eager calls, which would pay the compilation for one call."""
-    import tensorflow as tf
-
     steps = sequences.shape[1]
-    unrolled = not training and not tf.executing_eagerly()
-    if unrolled and steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
+    if _traced_inference(training) and steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
         return _tensorflow_unrolled_lstm(rnn, sequences)
     if keras.backend.standardize_dtype(sequences.dtype) == "float32":
         return _tensorflow_block_lstm(rnn, sequences)
     # Mixed precision: BlockLSTM in float32 outruns Keras' loop in bfloat16
     # (BENCHMARKS.md, "Issue 13, third round").
     return ops.cast(_tensorflow_block_lstm(rnn, ops.cast(sequences, "float32")), sequences.dtype)
+
+
+def _traced_inference(training):
+    """Where TensorFlow's fused route compiles with XLA: traced (predict,
+    tf.function, serving), so the compilation is paid once per shape, and not
+    training."""
+    import tensorflow as tf
+
+    return not training and not tf.executing_eagerly()
 
 
 def _tensorflow_unrolled_lstm(rnn, sequences):
@@ -253,11 +259,9 @@ def _xla_recurrence():
 def tensorflow_xla_norm_applies(block, training=None):
     """Whether a block's LayerNorms run as tensorflow_layer_norm: TensorFlow's
     fused route in traced inference, as for the unrolled recurrence."""
-    if keras.backend.backend() != "tensorflow" or block.rnn_tokens.selected_route != "fused" or training:
+    if keras.backend.backend() != "tensorflow" or block.rnn_tokens.selected_route != "fused":
         return False
-    import tensorflow as tf
-
-    return not tf.executing_eagerly()
+    return _traced_inference(training)
 
 
 def tensorflow_layer_norm(norm, x):
