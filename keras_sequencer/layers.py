@@ -212,7 +212,8 @@ def _traced_inference(training):
 
 def _tensorflow_unrolled_lstm(rnn, sequences):
     """The input projection of every step and direction as one matrix product in
-    the compute dtype (oneDNN), then the recurrence in float32 as one XLA call."""
+    the compute dtype (oneDNN), then the recurrence as one XLA call (its
+    products in the compute dtype, its state in float32)."""
     import tensorflow as tf
 
     directions = directions_of(rnn)
