@@ -566,9 +566,10 @@ def _torch_axis(layer, rnn, sequences, cache):
     return _torch_rnn(rnn, layer.rnn_type, sequences, _torch_rnn_weights(rnn, layer.rnn_type, cache))
 
 
-def _torch_bilstm2d(layer, x, bfloat16=None):
+def _torch_bilstm2d(layer, x, bfloat16=None, residual=None):
     """BiLSTM2D.call with torch ops only, on the layer's own variables, or on
-    their bfloat16 copies (a _Bfloat16Weights) for a mixed_bfloat16 block."""
+    their bfloat16 copies (a _Bfloat16Weights) for a mixed_bfloat16 block;
+    plus `residual` if given (the block's skip connection, fused into fc)."""
     import torch
 
     batch, height, width, channels = x.shape
@@ -592,21 +593,55 @@ def _torch_bilstm2d(layer, x, bfloat16=None):
     else:
         x = outputs[0]
     if layer.fc is not None:
-        x = _dense(x, layer.fc) if bfloat16 is None else _linear(x, *bfloat16.fc)
-    return x
+        fc = (layer.fc.kernel.value, layer.fc.bias.value) if bfloat16 is None else bfloat16.fc
+        return _linear(x, *fc, residual=residual)
+    return x if residual is None else residual + x
 
 
-def _dense(x, dense):
+def _dense(x, dense, gelu=False, residual=None):
     """A Dense layer's arithmetic on its kernel as Keras keeps it, (in, out): no
     transposed weight, so the backward writes the kernel's gradient as is."""
-    return _linear(x, dense.kernel.value, dense.bias.value)
+    return _linear(x, dense.kernel.value, dense.bias.value, gelu=gelu, residual=residual)
 
 
-def _linear(x, kernel, bias):
+def _linear(x, kernel, bias, gelu=False, residual=None):
+    """x @ kernel + bias, then the exact GELU if `gelu`, or plus `residual`.
+    Without autograd on a CPU, one oneDNN call with the GELU or the sum as its
+    post-op; otherwise ATen's addmm and separate passes."""
+    import torch
+    import torch.nn.functional as F
+
+    if _onednn_linear_applies(x, residual):
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, kernel.T, bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu" if gelu else "none", [], "none")
+    flat = torch.addmm(bias, x.reshape(-1, kernel.shape[0]), kernel)
+    y = flat.view(*x.shape[:-1], kernel.shape[1])
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
+
+
+@functools.cache
+def onednn_linear_available():
+    """Whether this torch has ATen's oneDNN linear with fused post-ops (the
+    private op TorchInductor emits for CPU linears: tests/test_routes.py fails
+    loudly if a torch release drops or changes it)."""
     import torch
 
-    flat = torch.addmm(bias, x.reshape(-1, kernel.shape[0]), kernel)
-    return flat.view(*x.shape[:-1], kernel.shape[1])
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear_applies(x, residual):
+    """The oneDNN linear: CPU, float32 or bfloat16, no autograd (the op has no
+    backward), and a residual of the output's own contiguous layout."""
+    import torch
+
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if residual is not None and not (residual.is_contiguous() and residual.dtype == x.dtype):
+        return False
+    return onednn_linear_available()
 
 
 class _Bfloat16Weights:
@@ -679,10 +714,9 @@ def _torch_block(block, x):
     if n1.dtype_policy.name == "mixed_bfloat16":
         return _torch_block_bfloat16(block, x)
     y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
-    x = x + _torch_bilstm2d(tokens, y)
+    x = _torch_bilstm2d(tokens, y, residual=x)
     y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
-    y = F.gelu(_dense(y, fc1))
-    return x + _dense(y, fc2)
+    return _dense(_dense(y, fc1, gelu=True), fc2, residual=x)
 
 
 def _torch_block_bfloat16(block, x):
@@ -698,10 +732,9 @@ def _torch_block_bfloat16(block, x):
     x = x.to(torch.bfloat16)
     shape = (x.shape[-1],)
     y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
-    x = x + _torch_bilstm2d(tokens, y, bfloat16=weights)
+    x = _torch_bilstm2d(tokens, y, bfloat16=weights, residual=x)
     y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
-    y = F.gelu(_linear(y, *weights.fc1))
-    return x + _linear(y, *weights.fc2)
+    return _linear(_linear(y, *weights.fc1, gelu=True), *weights.fc2, residual=x)
 
 
 def tensorflow_fused_mlp_applies(block):
