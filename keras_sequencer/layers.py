@@ -244,7 +244,7 @@ def _xla_recurrence():
         outputs = []
         for step in range(steps):
             at = [steps - 1 - step if back else step for back in backward]
-            recurrent_part = tf.cast(tf.matmul(tf.cast(h, dtype), recurrent), "float32")
+            recurrent_part = _float32_product(tf.cast(h, dtype), recurrent)
             gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + recurrent_part
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
             c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(candidate)
@@ -255,6 +255,26 @@ def _xla_recurrence():
         return tf.cast(tf.concat(outputs, -1), dtype)
 
     return tf.function(recurrence, jit_compile=True)
+
+
+def _float32_product(a, b):
+    """a @ b as float32 from operands in the compute dtype: the dot writes its
+    float32 accumulators, not a bfloat16 rounding that a separate pass then
+    converts back (BENCHMARKS.md, "Issue 13, sixth round")."""
+    import tensorflow as tf
+
+    if a.dtype == tf.float32:
+        return tf.matmul(a, b)
+
+    @tf.custom_gradient
+    def product(a, b):
+        def gradient(upstream):  # BatchMatMulV3's own gradient assumes one dtype
+            upstream = tf.cast(upstream, a.dtype)
+            return tf.matmul(upstream, b, transpose_b=True), tf.matmul(a, upstream, transpose_a=True)
+
+        return tf.raw_ops.BatchMatMulV3(x=a, y=b, Tout=tf.float32), gradient
+
+    return product(a, b)
 
 
 def tensorflow_xla_norm_applies(block, training=None):
