@@ -538,7 +538,9 @@ def fused_call_blockers(layer, training=None, inputs=None):
     another backend or route, a dtype policy other than plain float32
     (quantization, mixed precision; a block under mixed_bfloat16 without
     autograd has a bfloat16 form), LoRA, torch autocast, a keras.distribution,
-    and dropout or drop path active in training."""
+    torch.compile (`jit_compile=True`: the weight copies kept between calls
+    are Python state a compiled graph cannot follow, and Inductor fuses the
+    per-layer path itself), and dropout or drop path active in training."""
     if keras.backend.backend() != "torch":
         return ["backend"]
     blockers = []
@@ -564,6 +566,8 @@ def fused_call_blockers(layer, training=None, inputs=None):
     device = getattr(inputs, "device", None)
     if torch.is_autocast_enabled(device.type if device is not None and device.type != "meta" else "cpu"):
         blockers.append("autocast")
+    if torch.compiler.is_compiling():
+        blockers.append("torch.compile")
     return blockers
 
 

@@ -383,6 +383,25 @@ def test_whole_block_form_without_autograd_follows_assignments(rng, block_form):
 
 
 @torch_only
+def test_fused_route_under_torch_compile_steps_aside_from_the_whole_block_form(rng):
+    """`jit_compile=True` on torch (torch.compile): the whole-block form's
+    weight copies are Python state a compiled graph cannot follow (its logits
+    were off by about 1.0), so compiled calls run the per-layer fused path,
+    equal to the eager call before and after the weights change."""
+    inputs = keras.Input((6, 6, 8))
+    outputs = ks.Sequencer2DBlock(4, rnn_route="fused")(ks.Sequencer2DBlock(4, rnn_route="fused")(inputs))
+    model = keras.Model(inputs, outputs)
+    x = rng.normal(size=(2, 6, 6, 8)).astype("float32")
+    for step in range(2):
+        for variable in model.trainable_variables:
+            variable.assign(rng.normal(scale=0.3, size=variable.shape).astype("float32"))
+        model.compile(jit_compile=False)
+        expected = model.predict(x, verbose=0)
+        model.compile(jit_compile=True)
+        np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=TOLERANCE)
+
+
+@torch_only
 def test_whole_block_form_fuses_gelu_and_residuals_into_onednn_linears(rng, monkeypatch):
     """Without autograd on a CPU, fc1's GELU and both residual sums run as
     post-ops of ATen's private oneDNN linear; a torch without it must fail here
