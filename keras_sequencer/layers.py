@@ -237,24 +237,56 @@ def _xla_recurrence():
     def recurrence(projected, recurrent, backward):
         # projected: (N, T, D, 4H) gate inputs of D directions; recurrent: (D, H, 4H).
         # Both in the compute dtype; the state and the gates stay in float32.
-        dtype = projected.dtype
-        steps, directions = projected.shape[1], projected.shape[2]
-        projected = tf.cast(projected, "float32")
-        h = c = tf.zeros((directions, tf.shape(projected)[0], recurrent.shape[1]), "float32")
+        if projected.dtype != tf.float32:
+            return _per_direction_recurrence(projected, recurrent, backward)
+        steps = projected.shape[1]
+        h = c = tf.zeros((projected.shape[2], tf.shape(projected)[0], recurrent.shape[1]), "float32")
         outputs = []
         for step in range(steps):
             at = [steps - 1 - step if back else step for back in backward]
-            recurrent_part = _float32_product(tf.cast(h, dtype), recurrent)
-            gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + recurrent_part
+            gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + tf.matmul(h, recurrent)
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
             c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(candidate)
             h = tf.sigmoid(o) * tf.tanh(c)
             outputs.append(h)
-        outputs = tf.stack(outputs, axis=2)  # (D, N, T, H), in processing order
-        outputs = [tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)]
-        return tf.cast(tf.concat(outputs, -1), dtype)
+        return _in_time_order(tf.stack(outputs, axis=2), backward)
 
     return tf.function(recurrence, jit_compile=True)
+
+
+def _per_direction_recurrence(projected, recurrent, backward):
+    """The mixed-precision recurrence: each direction's gate arithmetic reads its
+    slice of the bfloat16 gate inputs itself (XLA otherwise gathers the
+    directions' slices into a float32 copy every step), and the state leaves
+    each step in the compute dtype only, as the next product and the output
+    take it (BENCHMARKS.md, "Issue 13, seventh round")."""
+    import tensorflow as tf
+
+    dtype, steps = projected.dtype, projected.shape[1]
+    h, cells, outputs = None, [None] * len(backward), []
+    for step in range(steps):
+        recurrent_part = None if h is None else _float32_product(h, recurrent)
+        states = []
+        for d, back in enumerate(backward):
+            gates = tf.cast(projected[:, steps - 1 - step if back else step, d], "float32")
+            if recurrent_part is not None:
+                gates += recurrent_part[d]
+            i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
+            c = tf.sigmoid(i) * tf.tanh(candidate)
+            cells[d] = c if cells[d] is None else tf.sigmoid(f) * cells[d] + c
+            states.append(tf.sigmoid(o) * tf.tanh(cells[d]))
+        h = tf.cast(tf.stack(states), dtype)
+        outputs.append(h)
+    return _in_time_order(tf.stack(outputs, axis=2), backward)
+
+
+def _in_time_order(outputs, backward):
+    """(D, N, T, H) outputs in each direction's processing order -> (N, T, D*H)
+    in the order of the sequence, in the dtype of the gate inputs."""
+    import tensorflow as tf
+
+    outputs = [tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)]
+    return tf.concat(outputs, -1)
 
 
 def _float32_product(a, b):
