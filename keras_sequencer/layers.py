@@ -191,14 +191,19 @@ def tensorflow_fused_lstm(rnn, sequences, training=None):
     serving), where its compilation is paid once per shape. BlockLSTM runs
     everything else: training, where its gradient kernel outruns the unrolled
     form's, and eager calls, which would pay the compilation for one call."""
-    steps = sequences.shape[1]
-    if _traced_inference(training) and steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS:
-        return _tensorflow_unrolled_lstm(rnn, sequences)
+    if tensorflow_unrolls(sequences.shape[1], training):
+        return ops.squeeze(tensorflow_unrolled_lstm(rnn, ops.expand_dims(sequences, 2)), 2)
     if keras.backend.standardize_dtype(sequences.dtype) == "float32":
         return _tensorflow_block_lstm(rnn, sequences)
     # Mixed precision: BlockLSTM in float32 outruns Keras' loop in bfloat16
     # (BENCHMARKS.md, "Issue 13, third round").
     return ops.cast(_tensorflow_block_lstm(rnn, ops.cast(sequences, "float32")), sequences.dtype)
+
+
+def tensorflow_unrolls(steps, training=None):
+    """Whether TensorFlow's fused route runs sequences of `steps` steps as
+    tensorflow_unrolled_lstm."""
+    return _traced_inference(training) and steps is not None and steps <= TENSORFLOW_UNROLL_MAX_STEPS
 
 
 def _traced_inference(training):
@@ -210,22 +215,24 @@ def _traced_inference(training):
     return not training and not tf.executing_eagerly()
 
 
-def _tensorflow_unrolled_lstm(rnn, sequences):
-    """The input projection of every step and direction as one matrix product in
-    the compute dtype (oneDNN), then the recurrence as one XLA call (its
-    products in the compute dtype, its state in float32)."""
+def tensorflow_unrolled_lstm(rnn, x):
+    """A Keras LSTM (or its Bidirectional wrapper) along axis 1 of a (B, T, M, C)
+    tensor (B*M sequences of T steps) -> (B, T, M, D*H): a map's columns without
+    transposing it. The input projection of every step and direction is one
+    matrix product in the compute dtype (oneDNN), then the recurrence one XLA
+    call (its products in the compute dtype, its state in float32)."""
     import tensorflow as tf
 
     directions = directions_of(rnn)
-    dtype = sequences.dtype
+    dtype = x.dtype
     # The variables themselves: inside a mixed-precision call Keras' value is a
     # bfloat16 copy.
     kernel = tf.concat([ops.cast(keras_compat.stored_value(d.cell.kernel), dtype) for d in directions], -1)
     bias = tf.concat([ops.cast(keras_compat.stored_value(d.cell.bias), dtype) for d in directions], -1)
     recurrent = tf.stack([ops.cast(keras_compat.stored_value(d.cell.recurrent_kernel), dtype) for d in directions])
-    batch, steps, channels = tf.shape(sequences)[0], sequences.shape[1], sequences.shape[2]
-    projected = tf.nn.bias_add(tf.matmul(tf.reshape(sequences, (-1, channels)), kernel), bias)
-    projected = tf.reshape(projected, (batch, steps, len(directions), -1))
+    shape = tf.shape(x)
+    projected = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
+    projected = tf.reshape(projected, (shape[0], x.shape[1], shape[2], len(directions), 4 * recurrent.shape[1]))
     backward = [d.go_backwards for d in directions]
     return _xla_recurrence()(projected, recurrent, backward)
 
@@ -235,23 +242,31 @@ def _xla_recurrence():
     import tensorflow as tf
 
     def recurrence(projected, recurrent, backward):
-        # projected: (N, T, D, 4H) gate inputs of D directions; recurrent: (D, H, 4H).
-        # Both in the compute dtype; the state and the gates stay in float32.
+        # projected: (B, T, M, D, 4H) gate inputs of D directions; recurrent:
+        # (D, H, 4H). Both in the compute dtype; the state and the gates stay in
+        # float32.
         if projected.dtype != tf.float32:
             return _per_direction_recurrence(projected, recurrent, backward)
-        steps = projected.shape[1]
-        h = c = tf.zeros((projected.shape[2], tf.shape(projected)[0], recurrent.shape[1]), "float32")
+        steps, units = projected.shape[1], recurrent.shape[1]
+        h = c = tf.zeros((len(backward), tf.shape(projected)[0] * tf.shape(projected)[2], units), "float32")
         outputs = []
         for step in range(steps):
             at = [steps - 1 - step if back else step for back in backward]
-            gates = tf.stack([projected[:, t, d] for d, t in enumerate(at)]) + tf.matmul(h, recurrent)
+            gates = tf.stack([_gate_inputs(projected, t, d) for d, t in enumerate(at)]) + tf.matmul(h, recurrent)
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
             c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(candidate)
             h = tf.sigmoid(o) * tf.tanh(c)
             outputs.append(h)
-        return _in_time_order(tf.stack(outputs, axis=2), backward)
+        return _in_time_order(outputs, projected, backward)
 
     return tf.function(recurrence, jit_compile=True)
+
+
+def _gate_inputs(projected, step, direction):
+    """(B*M, 4H) gate inputs of one step and direction of (B, T, M, D, 4H)."""
+    import tensorflow as tf
+
+    return tf.reshape(projected[:, step, :, direction], (-1, projected.shape[-1]))
 
 
 def _per_direction_recurrence(projected, recurrent, backward):
@@ -268,7 +283,7 @@ def _per_direction_recurrence(projected, recurrent, backward):
         recurrent_part = None if h is None else _float32_product(h, recurrent)
         states = []
         for d, back in enumerate(backward):
-            gates = tf.cast(projected[:, steps - 1 - step if back else step, d], "float32")
+            gates = tf.cast(_gate_inputs(projected, steps - 1 - step if back else step, d), "float32")
             if recurrent_part is not None:
                 gates += recurrent_part[d]
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
@@ -277,16 +292,19 @@ def _per_direction_recurrence(projected, recurrent, backward):
             states.append(tf.sigmoid(o) * tf.tanh(cells[d]))
         h = tf.cast(tf.stack(states), dtype)
         outputs.append(h)
-    return _in_time_order(tf.stack(outputs, axis=2), backward)
+    return _in_time_order(outputs, projected, backward)
 
 
-def _in_time_order(outputs, backward):
-    """(D, N, T, H) outputs in each direction's processing order -> (N, T, D*H)
-    in the order of the sequence, in the dtype of the gate inputs."""
+def _in_time_order(outputs, projected, backward):
+    """Each step's (D, B*M, H) states, in each direction's processing order ->
+    (B, T, M, D*H) in the order of the sequence, in the dtype of the gate
+    inputs."""
     import tensorflow as tf
 
+    shape = tf.shape(projected)
+    outputs = tf.stack([tf.reshape(h, (len(backward), shape[0], shape[2], -1)) for h in outputs], axis=2)
     outputs = [tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)]
-    return tf.concat(outputs, -1)
+    return tf.cast(tf.concat(outputs, -1), projected.dtype)
 
 
 def _float32_product(a, b):
@@ -958,6 +976,12 @@ class BiLSTM2D(layers.Layer):
                 return rnn(sequences)
         return rnn(sequences)
 
+    def _tensorflow_unrolls(self, steps, training):
+        # The columns of the map as they lie: no transposes in or out.
+        if self.selected_route != "fused" or keras.backend.backend() != "tensorflow":
+            return False
+        return tensorflow_unrolls(steps, training)
+
     def _make_rnn(self, name):
         rnn = make_recurrent_layer(
             self.rnn_type, self.hidden_size, name=f"{name}_forward", dtype=self._sublayer_dtype
@@ -995,7 +1019,9 @@ class BiLSTM2D(layers.Layer):
         shape = ops.shape(x)
         batch, height, width, channels = shape[0], shape[1], shape[2], x.shape[-1]
         outputs = []
-        if self.with_vertical:
+        if self.with_vertical and self._tensorflow_unrolls(x.shape[1], training):
+            outputs.append(tensorflow_unrolled_lstm(self.rnn_v, x))
+        elif self.with_vertical:
             v = ops.transpose(x, (0, 2, 1, 3))
             v = ops.reshape(v, (-1, height, channels))
             v = self._run(self.rnn_v, v, training)

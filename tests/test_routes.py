@@ -254,7 +254,7 @@ def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
     layer = block.rnn_tokens
     assert _tensorflow_graph_kernels(layer, x) == (2, 1, 0)
     fused = {training: tf.function(layer)(x, training=training).numpy() for training in (False, True)}
-    with mock.patch.object(layers_module, "_tensorflow_unrolled_lstm", side_effect=AssertionError):
+    with mock.patch.object(layers_module, "tensorflow_unrolled_lstm", side_effect=AssertionError):
         fused["eager"] = layer(x).numpy()  # BlockLSTM: one eager call would pay a compilation
     blocks = {training: tf.function(block)(x, training=training).numpy() for training in (False, True)}
     with mock.patch.object(layers_module, "tensorflow_layer_norm", side_effect=AssertionError):
@@ -265,6 +265,27 @@ def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
         assert np.abs(outputs - expected).max() <= TOLERANCE, training
     for training, outputs in blocks.items():
         assert np.abs(outputs - expected_block).max() <= TOLERANCE, training
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's unrolled form")
+@pytest.mark.parametrize("union", ["cat", "vertical"])
+def test_tensorflow_unrolled_columns_run_without_transposes(union, rng):
+    """In traced inference the unrolled form runs down the map's columns as
+    they lie: no Transpose in or out of the layer's graph (the per-sequence
+    form transposes the map and the vertical outputs), and the same outputs
+    as Keras' route."""
+    import tensorflow as tf
+
+    layer = ks.BiLSTM2D(4, union=union, route="fused")
+    x = rng.normal(size=(2, 3, 5, 6)).astype("float32")
+    layer.build(x.shape)
+    for variable in layer.trainable_variables:
+        variable.assign(rng.normal(scale=0.4, size=variable.shape).astype("float32"))
+    graph = tf.function(lambda a: layer(a, training=False)).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    assert "Transpose" not in [op.type for op in graph.get_operations()]
+    outputs = tf.function(lambda a: layer(a, training=False))(x).numpy()
+    layer.route = "keras"
+    assert np.abs(outputs - layer(x).numpy()).max() <= TOLERANCE
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's cuDNN RNN is the one without bfloat16")
