@@ -187,3 +187,42 @@ def test_models_free_each_intermediate_after_its_last_use():
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(plain(np.ones((2, 4), "float32"))), keras.ops.convert_to_numpy(y)
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch's inference mode")
+def test_predict_runs_in_inference_mode_on_torch_and_the_model_still_trains(rng):
+    """`predict` and `predict_on_batch` run under torch's inference mode (Keras'
+    own step only disables autograd); direct calls, training and a compiled
+    predict are untouched. Tensors kept between calls (the fused route's weight
+    copies) must not become inference tensors: the model still trains after a
+    predict, and predicts what it now computes."""
+    import torch
+
+    modes = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            modes.append(torch.is_inference_mode_enabled())
+            return x
+
+    model = ks.Sequencer2D(
+        layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
+        input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
+    )
+    inputs = keras.Input((8, 8, 3))
+    probed = ks.models.functional_model(inputs, model(Probe()(inputs)), "probed")
+    modes.clear()  # the symbolic calls of building
+    x = rng.normal(size=(4, 8, 8, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 4), 3)
+    first = probed.predict_on_batch(x)
+    np.testing.assert_allclose(first, probed.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(first, keras.ops.convert_to_numpy(probed(x, training=False)), atol=1e-6)
+    assert modes == [True, True, False]
+    probed.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    probed.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    assert len(modes) > 4 and not any(modes[3:])
+    del modes[:]
+    after = probed.predict_on_batch(x)
+    assert np.abs(after - first).max() > 1e-3  # it learned
+    np.testing.assert_allclose(after, keras.ops.convert_to_numpy(probed(x, training=False)), atol=1e-6)
+    assert modes == [True, False]
