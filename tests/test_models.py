@@ -189,6 +189,19 @@ def test_models_free_each_intermediate_after_its_last_use():
     )
 
 
+def test_predict_and_predict_on_batch_equal_a_direct_call(rng):
+    # FreeingFunctional's own predict_step: each backend's step signature
+    # (JAX's takes the state too) passes through.
+    model = ks.Sequencer2D(
+        layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
+        input_shape=(8, 8, 3), include_preprocessing=False, classes=3,
+    )
+    x = rng.normal(size=(4, 8, 8, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(model.predict_on_batch(x), expected, atol=1e-6)
+    np.testing.assert_allclose(model.predict(x, verbose=0, batch_size=2), expected, atol=1e-6)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch's inference mode")
 def test_predict_runs_in_inference_mode_on_torch_and_the_model_still_trains(rng):
     """`predict` and `predict_on_batch` run under torch's inference mode (Keras'

@@ -35,18 +35,19 @@ class FreeingFunctional(keras.Model):
             config["metadata"] = dict(self.metadata)
         return config
 
-    def predict_step(self, data):
+    def predict_step(self, *args, **kwargs):
         # torch: `predict` and `predict_on_batch` run under inference mode (as
         # timm is timed), not only Keras' no_grad: less bookkeeping per op
         # (BENCHMARKS.md, "Issue 13, seventh round"). Their outputs leave as
-        # numpy. A compiled predict keeps Keras' own step.
+        # numpy. A compiled predict keeps Keras' own step. The arguments pass
+        # through: JAX's step also takes the model's state.
         if keras.backend.backend() == "torch" and not self.jit_compile:
             import torch
 
             if not torch.is_grad_enabled():
                 with torch.inference_mode():
-                    return super().predict_step(data)
-        return super().predict_step(data)
+                    return super().predict_step(*args, **kwargs)
+        return super().predict_step(*args, **kwargs)
 
     def _run_through_graph(self, inputs, operation_fn=lambda op: op, call_fn=None):
         outputs = keras_compat.run_graph_freeing(self, inputs, operation_fn, call_fn)
