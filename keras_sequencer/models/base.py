@@ -264,7 +264,7 @@ def fast_predict(model, x, batch_size=32):
     timm"): TensorFlow runs the model eagerly, in chunks of `batch_size`
     (`predict` first traces a graph); JAX and torch use `predict` (JAX compiles
     it once, where eager JAX compiles each recurrent loop on every call;
-    torch's predict runs under no_grad). Same outputs as `model.predict`."""
+    torch's predict runs under inference mode). Same outputs as `model.predict`."""
     import numpy as np
 
     if keras.backend.backend() != "tensorflow":

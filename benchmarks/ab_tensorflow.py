@@ -1,0 +1,109 @@
+"""Whole-model A/B on TensorFlow: the working tree's layers against a commit's.
+
+    python benchmarks/ab_tensorflow.py --swap tensorflow_fused_lstm BiLSTM2D.call \
+        [--base HEAD] [--policy mixed_bfloat16] [--batch 16] [--size 224] [--rounds 21]
+
+Model A is traced with the functions named in --swap (names in
+keras_sequencer/layers.py, "Class.method" for a method) taken from the --base
+commit's layers.py, model B with the working tree's; name every function whose
+contract changed between the two. Both hold the same random
+weights and are called alternately, so the machine's drift hits both alike.
+Prints the largest logit difference and "paired": the median over rounds of
+B's time / A's time. The decisions of BENCHMARKS.md's "Issue 13" sixth and
+seventh rounds were made this way. Run by hand, from the repository root.
+"""
+
+import argparse
+import linecache
+import os
+import statistics
+import subprocess
+import time
+import types
+
+os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_sequencer as ks  # noqa: E402
+from keras_sequencer import layers  # noqa: E402
+
+
+def committed_layers(base):
+    module = types.ModuleType("committed_layers")
+    filename = f"{base}:keras_sequencer/layers.py"
+    source = subprocess.check_output(["git", "show", filename], text=True)
+    # Autograph and tracebacks read a function's source through linecache.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+def lookup(module, name):
+    value = module
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def replace(module, name, value):
+    *owner, attribute = name.split(".")
+    setattr(lookup(module, ".".join(owner)) if owner else module, attribute, value)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--swap", nargs="+", required=True)
+    parser.add_argument("--base", default="HEAD")
+    parser.add_argument("--policy", default="mixed_bfloat16")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=21)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    keras.config.set_dtype_policy(args.policy)
+    models = [
+        ks.create_model("sequencer2d_s", input_shape=(args.size, args.size, 3), classifier_activation=None,
+                        include_preprocessing=False)
+        for _ in range(2)
+    ]
+    keras.config.set_dtype_policy("float32")
+    for variable in models[0].weights:  # non-zero head and biases
+        variable.assign((rng.normal(size=variable.shape) * 0.05).astype("float32"))
+    models[1].set_weights(models[0].get_weights())
+    x = rng.normal(size=(args.batch, args.size, args.size, 3)).astype("float32")
+
+    old = committed_layers(args.base)
+    current = {name: lookup(layers, name) for name in args.swap}
+    for name in args.swap:
+        replace(layers, name, lookup(old, name))
+    calls = [tf.function(lambda inputs: models[0](inputs, training=False))]
+    outputs = [calls[0](x).numpy().astype("float32")]  # traced with the committed functions
+    for name, value in current.items():
+        replace(layers, name, value)
+    calls.append(tf.function(lambda inputs: models[1](inputs, training=False)))
+    outputs.append(calls[1](x).numpy().astype("float32"))
+    print(f"max abs logit difference {np.abs(outputs[0] - outputs[1]).max():.3g} (logit std {outputs[0].std():.3g})")
+
+    for call in calls:
+        call(x).numpy()
+    times = [[], []]
+    for round_ in range(args.rounds):
+        for index in (0, 1) if round_ % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            calls[index](x).numpy()
+            times[index].append(time.perf_counter() - start)
+    ratios = [new / old for old, new in zip(*times)]
+    print(
+        f"{args.policy}, batch {args.batch}: {args.base} {1e3 * statistics.median(times[0]):.1f} ms, "
+        f"working tree {1e3 * statistics.median(times[1]):.1f} ms, paired {statistics.median(ratios):.3f} "
+        f"({sum(r < 1 for r in ratios)}/{args.rounds} rounds faster)"
+    )
+
+
+if __name__ == "__main__":
+    main()
