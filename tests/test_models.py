@@ -205,10 +205,10 @@ def test_predict_and_predict_on_batch_equal_a_direct_call(rng):
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch's inference mode")
 def test_predict_runs_in_inference_mode_on_torch_and_the_model_still_trains(rng):
     """`predict` and `predict_on_batch` run under torch's inference mode (Keras'
-    own step only disables autograd); direct calls, training and a compiled
-    predict are untouched. Tensors kept between calls (the fused route's weight
-    copies) must not become inference tensors: the model still trains after a
-    predict, and predicts what it now computes."""
+    own step only disables autograd); direct calls and training are untouched
+    (compiled predicts: tests/test_routes.py). Tensors kept between calls (the
+    fused route's weight copies) must not become inference tensors: the model
+    still trains after a predict, and predicts what it now computes."""
     import torch
 
     modes = []
