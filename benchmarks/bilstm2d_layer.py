@@ -5,7 +5,9 @@ milliseconds per call for each way of running its LSTMs.
 
 - keras:   Keras' Bidirectional(LSTM) loops (route "keras");
 - fused:   the backend's fused kernel (route "fused"): PyTorch's RNN kernel, one
-  call per axis, on torch; BlockLSTM, one op per direction, on TensorFlow;
+  call per axis, on torch; on TensorFlow, traced as predict traces it, the
+  XLA-compiled unrolled recurrence; on JAX one scan per axis for both
+  directions (`layers.jax_fused_lstm`);
 - batched: a prototype kept for the record, not shipped: the four directions'
   input projections as one matmul, then one scan advancing all four recurrences
   together (a batched matmul per step). Measured slower than "keras" on every
@@ -93,7 +95,14 @@ def runners(layer, x, hidden):
 
         trainable = [v.value for v in layer.trainable_variables]
         non_trainable = [v.value for v in layer.non_trainable_variables]
-        keras_jit = jax.jit(lambda t, inputs: layer.stateless_call(t, non_trainable, inputs)[0])
+
+        def jitted(route):
+            layer.route = route  # read while tracing
+            fn = jax.jit(lambda t, inputs: layer.stateless_call(t, non_trainable, inputs)[0])
+            fn(trainable, x)  # traced now, with this route
+            return fn
+
+        keras_jit, fused_jit = jitted("keras"), jitted("fused")
 
         def batched_stateless(t, inputs):
             with keras.StatelessScope(state_mapping=list(zip(layer.trainable_variables, t))):
@@ -101,6 +110,7 @@ def runners(layer, x, hidden):
 
         batched_jit = jax.jit(batched_stateless)
         return {"keras": lambda: np.asarray(keras_jit(trainable, x)),
+                "fused": lambda: np.asarray(fused_jit(trainable, x)),
                 "batched": lambda: np.asarray(batched_jit(trainable, x))}
     x_torch = torch.from_numpy(x)
 

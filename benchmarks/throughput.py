@@ -1,6 +1,7 @@
 """Inference throughput of keras_sequencer on each Keras backend against timm, in one run.
 
     python benchmarks/throughput.py [--variants sequencer2d_s] [--batches 1 16] [--rounds 5]
+    python benchmarks/throughput.py --engines timm jax jax:keras   # a Keras engine with a route
 
 Each engine (timm, and Keras on tensorflow / jax / torch) runs in its own worker
 process with its model loaded once. The coordinator then asks the workers in
@@ -39,8 +40,10 @@ def reference_model(variant):
 
 
 def inference_step(engine, variant, images, input_shape):
-    """A function running one inference of `images` on `engine` (timm or a Keras
-    backend) with `variant` taking `input_shape` (HWC), timm's weights in both."""
+    """A function running one inference of `images` on `engine` (timm, a Keras
+    backend, or "backend:route" for a BiLSTM2D route other than "auto") with
+    `variant` taking `input_shape` (HWC), timm's weights in both."""
+    engine, _, route = engine.partition(":")
     reference = reference_model(variant)
     if engine == "timm":
         import torch
@@ -57,7 +60,8 @@ def inference_step(engine, variant, images, input_shape):
 
     import keras_sequencer as ks
 
-    model = ks.create_model(variant, weights=None, input_shape=input_shape, include_preprocessing=False)
+    model = ks.create_model(variant, weights=None, input_shape=input_shape, include_preprocessing=False,
+                            rnn_route=route or "auto")
     ks.load_torch_state_dict(model, reference.state_dict())
     if engine == "jax":
         # Compiled inference; eager JAX recompiles every recurrent loop.
@@ -169,11 +173,19 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def engine_name(text):
+    engine, _, route = text.partition(":")
+    if engine not in ENGINES or (route and (engine == "timm" or route not in ("auto", "keras", "fused"))):
+        raise argparse.ArgumentTypeError(f"not an engine: {text!r}")
+    return text
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", nargs="+", default=["sequencer2d_s"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), type=engine_name,
+                        help=f"{', '.join(ENGINES)}; a Keras backend as backend:route picks a route")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=3.0)

@@ -120,20 +120,23 @@ def select_route(route, rnn_type="lstm"):
 
     "keras": Keras' own Bidirectional(LSTM/GRU/SimpleRNN) loops (cuDNN on a GPU).
     "fused": the backend's fused sequence kernel, one call per direction or axis:
-    PyTorch's RNN kernels on torch (every rnn_type, as timm runs them), and
-    TensorFlow's BlockLSTM on TensorFlow (LSTM only). JAX has none.
+    PyTorch's RNN kernels on torch (every rnn_type, as timm runs them),
+    TensorFlow's BlockLSTM or an XLA-compiled unrolled loop on TensorFlow, and
+    one scan over both directions of an axis on JAX (`jax_fused_lstm`); the
+    last two for LSTM only.
     "auto": "fused" where there is no GPU and the backend has the kernel (torch;
-    TensorFlow for LSTM), else "keras", so GPUs keep cuDNN. On CPU fused is
-    the faster and leaner route (BENCHMARKS.md, "Where the time goes, and what was tried").
+    TensorFlow and JAX for LSTM), else "keras", so GPUs keep cuDNN. On CPU fused
+    is the faster route (BENCHMARKS.md, "Where the time goes, and what was
+    tried", and "Issue 13, eighth round" for JAX).
     """
     if route not in ROUTES:
         raise ValueError(f"Unrecognized route: {route!r}. Expected one of {ROUTES}.")
     backend = keras.backend.backend()
-    fused_available = backend == "torch" or (backend == "tensorflow" and rnn_type == "lstm")
+    fused_available = backend == "torch" or (backend in ("tensorflow", "jax") and rnn_type == "lstm")
     if route == "fused" and not fused_available:
         raise ValueError(
             "route='fused' needs a fused recurrent kernel: the torch backend (any "
-            f"rnn_type) or TensorFlow (LSTM). This is {backend!r} with rnn_type="
+            f"rnn_type), or TensorFlow or JAX (LSTM). This is {backend!r} with rnn_type="
             f"{rnn_type!r}. Use 'auto' or 'keras'."
         )
     if route != "auto":
@@ -325,6 +328,55 @@ def _float32_product(a, b):
         return tf.raw_ops.BatchMatMulV3(x=a, y=b, Tout=tf.float32), gradient
 
     return product(a, b)
+
+
+# Steps per iteration of the JAX fused route's scan outside training
+# (BENCHMARKS.md, "Issue 13, eighth round"): 8 and more cost compile time for
+# little; in training one step per iteration gave the fastest gradient.
+JAX_INFERENCE_UNROLL = 4
+
+
+def jax_fused_lstm(rnn, x, time_axis, training=None):
+    """A Keras LSTM (or its Bidirectional wrapper) along `time_axis` (1: the
+    columns, 2: the rows) of a (B, H, W, C) map on JAX -> (B, H, W, D*H).
+
+    One `lax.scan` runs every direction of the axis, each direction with its
+    own products (a batched product of both was slower), several steps per
+    iteration outside training; Keras' loop runs one scan per direction, one
+    step per iteration. Products in the compute dtype with float32 results;
+    the state stays in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    directions = directions_of(rnn)
+    dtype = x.dtype
+    weights = [
+        (ops.cast(d.cell.kernel.value, dtype), ops.cast(d.cell.recurrent_kernel.value, dtype),
+         ops.cast(d.cell.bias.value, "float32"))
+        for d in directions
+    ]
+    steps = x.shape[time_axis]
+    sequences = jnp.moveaxis(x, time_axis, 0)  # (T, B, M, C)
+    lead = sequences.shape[1:3]
+    sequences = sequences.reshape(steps, -1, x.shape[-1])
+
+    def step(state, t):
+        new_state = []
+        for d, (kernel, recurrent, bias), (h, c) in zip(directions, weights, state):
+            inputs = sequences[steps - 1 - t] if d.go_backwards else sequences[t]
+            gates = jnp.matmul(inputs, kernel, preferred_element_type="float32") + bias
+            gates += jnp.matmul(h.astype(dtype), recurrent, preferred_element_type="float32")
+            i, f, candidate, o = jnp.split(gates, 4, axis=-1)  # Keras' gate order
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(candidate)
+            new_state.append((jax.nn.sigmoid(o) * jnp.tanh(c), c))
+        return tuple(new_state), tuple(h.astype(dtype) for h, _ in new_state)
+
+    zeros = jnp.zeros((sequences.shape[1], directions[0].units), "float32")
+    unroll = 1 if training else JAX_INFERENCE_UNROLL
+    _, states = jax.lax.scan(step, ((zeros, zeros),) * len(directions), jnp.arange(steps), unroll=unroll)
+    states = [h[::-1] if d.go_backwards else h for d, h in zip(directions, states)]
+    outputs = jnp.concatenate(states, -1).reshape(steps, *lead, -1)  # (T, B, M, D*H)
+    return jnp.moveaxis(outputs, 0, time_axis)
 
 
 def tensorflow_xla_norm_applies(block, training=None):
@@ -1016,6 +1068,24 @@ class BiLSTM2D(layers.Layer):
         if self.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, inputs=x):
                 return _torch_bilstm2d(self, x)
+        if self.selected_route == "fused" and keras.backend.backend() == "jax":
+            axes = ((self.rnn_v, 1), (self.rnn_h, 2))
+            outputs = [jax_fused_lstm(rnn, x, time_axis, training) for rnn, time_axis in axes if rnn is not None]
+        else:
+            outputs = self._axes(x, training)
+        if len(outputs) == 2:
+            if self.union == "cat":
+                x = ops.concatenate(outputs, axis=-1)
+            else:
+                x = outputs[0] + outputs[1]
+        else:
+            x = outputs[0]
+        if self.fc is not None:
+            x = self.fc(x)
+        return x
+
+    def _axes(self, x, training):
+        """The vertical then the horizontal RNN's outputs, each (B, H, W, D*H)."""
         shape = ops.shape(x)
         batch, height, width, channels = shape[0], shape[1], shape[2], x.shape[-1]
         outputs = []
@@ -1031,16 +1101,7 @@ class BiLSTM2D(layers.Layer):
             h = ops.reshape(x, (-1, width, channels))
             h = self._run(self.rnn_h, h, training)
             outputs.append(ops.reshape(h, (batch, height, width, self.output_size)))
-        if len(outputs) == 2:
-            if self.union == "cat":
-                x = ops.concatenate(outputs, axis=-1)
-            else:
-                x = outputs[0] + outputs[1]
-        else:
-            x = outputs[0]
-        if self.fc is not None:
-            x = self.fc(x)
-        return x
+        return outputs
 
     def compute_output_shape(self, input_shape):
         if self.with_fc:

@@ -13,7 +13,7 @@ TOLERANCE = 1e-5
 
 
 def _has_fused(rnn_type):
-    return BACKEND == "torch" or (BACKEND == "tensorflow" and rnn_type == "lstm")
+    return BACKEND == "torch" or (BACKEND in ("tensorflow", "jax") and rnn_type == "lstm")
 
 
 def _expected_auto_route(rnn_type="lstm"):
@@ -23,6 +23,10 @@ def _expected_auto_route(rnn_type="lstm"):
         import torch
 
         return "keras" if torch.cuda.is_available() else "fused"
+    if BACKEND == "jax":
+        import jax
+
+        return "keras" if any(d.platform == "gpu" for d in jax.devices()) else "fused"
     import tensorflow as tf
 
     return "keras" if tf.config.list_physical_devices("GPU") else "fused"
@@ -83,6 +87,18 @@ def _outputs_and_gradients(layer, x, weights):
             (outputs * torch.from_numpy(weights)).sum(), [inputs] + [v.value for v in variables]
         )
         return [outputs.detach().numpy()] + [g.numpy() for g in grads]
+    if BACKEND == "jax":
+        import jax
+
+        def loss(inputs, trainable):
+            outputs, _ = layer.stateless_call(trainable, [v.value for v in layer.non_trainable_variables], inputs)
+            return (outputs * weights).sum(), outputs
+
+        # Jitted, as predict and fit run it.
+        (_, outputs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            x, [v.value for v in variables]
+        )
+        return [np.asarray(outputs), np.asarray(grads[0])] + [np.asarray(g) for g in grads[1]]
     import tensorflow as tf
 
     inputs = tf.constant(x)
@@ -156,7 +172,6 @@ def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng, tenso
         assert diff <= TOLERANCE, (name, diff)
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="JAX has no fused route")
 def test_fused_route_trains_a_model(rng):
     model = ks.Sequencer2D(
         layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
@@ -295,7 +310,7 @@ def test_bfloat16_on_jax_keeps_off_the_cudnn_kernel(rng):
     import jax
 
     x = rng.normal(size=(2, 4, 5, 8)).astype("float32")
-    layer = ks.BiLSTM2D(4, dtype="mixed_bfloat16")
+    layer = ks.BiLSTM2D(4, dtype="mixed_bfloat16", route="keras")  # "auto" on a GPU
     expected = np.asarray(jax.jit(layer)(x), dtype="float32")
     # As if on a GPU: Keras would now hand bfloat16 to jax.experimental.rnn.
     with mock.patch("keras.src.backend.jax.rnn._is_gpu_available", return_value=True):
@@ -306,6 +321,64 @@ def test_bfloat16_on_jax_keeps_off_the_cudnn_kernel(rng):
     assert got.dtype == "bfloat16"
     np.testing.assert_array_equal(np.asarray(got, dtype="float32"), expected)
     assert all(rnn.use_cudnn == "auto" for rnn in layer.recurrent_layers())  # restored
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's fused route")
+def test_jax_fused_route_runs_one_scan_per_axis(rng):
+    """The fused route runs `jax_fused_lstm` once per axis (both directions in
+    one scan); the keras route never does."""
+    from unittest import mock
+
+    import jax
+
+    from keras_sequencer import layers as layers_module
+
+    x = rng.normal(size=(2, 3, 5, 6)).astype("float32")
+    layer = ks.BiLSTM2D(4, route="fused")
+    with mock.patch.object(layers_module, "jax_fused_lstm", wraps=layers_module.jax_fused_lstm) as scan:
+        fused = np.asarray(jax.jit(layer)(x))
+        assert [call.args[2] for call in scan.call_args_list] == [1, 2]
+        layer.route = "keras"
+        scan.reset_mock()
+        expected = np.asarray(jax.jit(layer)(x))
+        assert scan.call_count == 0
+    assert np.abs(fused - expected).max() <= TOLERANCE
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's fused route under mixed precision")
+def test_mixed_precision_fused_route_on_jax_keeps_the_state_in_float32(rng):
+    """Under mixed_bfloat16 the fused route's products take bfloat16 and give
+    float32, the state stays in float32, the output is bfloat16: within the
+    compute dtype's rounding of the float32 layer's outputs and gradients."""
+    import jax
+
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+    exact = _block(rng, rnn_route="fused")
+    mixed = ks.Sequencer2DBlock(6, mlp_ratio=2.0, rnn_route="fused", dtype="mixed_bfloat16")
+    mixed.build(x.shape)
+    for source, target in zip(exact.weights, mixed.weights):
+        target.assign(source)
+    loss_weights = rng.normal(size=x.shape).astype("float32")
+
+    def outputs_and_grads(block):
+        def loss(inputs, trainable):
+            # Through __call__, which casts the inputs, as a model's graph calls it.
+            with keras.StatelessScope(state_mapping=list(zip(block.trainable_variables, trainable))):
+                outputs = block(inputs, training=False)
+            return (outputs.astype("float32") * loss_weights).sum(), outputs
+
+        (_, outputs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            x, [v.value for v in block.trainable_variables]
+        )
+        return outputs, [np.asarray(g, "float32") for g in [grads[0], *grads[1]]]
+
+    expected, expected_grads = outputs_and_grads(exact)
+    outputs, grads = outputs_and_grads(mixed)
+    assert outputs.dtype == "bfloat16"
+    got, expected = np.asarray(outputs, "float32"), np.asarray(expected)
+    assert np.abs(got - expected).max() <= np.abs(expected).max() * 2.0**-6
+    for name, g, e in zip(["inputs"] + [v.path for v in mixed.trainable_variables], grads, expected_grads):
+        assert np.abs(g - e).max() <= 16 * 2.0**-8 * np.abs(e).max(), name
 
 
 # The fused route's whole-block form on torch: a Sequencer2DBlock runs its

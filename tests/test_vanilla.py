@@ -141,7 +141,6 @@ def test_keras_weights_file_round_trip(checkpoints, rng, tmp_path):
     _check_logits(again, reference, _images(rng, 2, 28, 28))
 
 
-@pytest.mark.skipif(keras.backend.backend() == "jax", reason="JAX has no fused route")
 def test_routes_agree(checkpoints, rng):
     reference, path = checkpoints["v_sequencer_s"]
     images = _images(rng, 2, 42, 42)

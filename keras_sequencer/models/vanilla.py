@@ -16,6 +16,7 @@ from keras_sequencer.layers import (
     cudnn_disabled,
     directions_of,
     gelu_exact,
+    jax_fused_lstm,
     make_recurrent_layer,
     select_route,
     tensorflow_fused_lstm,
@@ -127,6 +128,8 @@ class VanillaSequencerBlock(layers.Layer):
         if self.selected_route == "fused":
             if keras.backend.backend() == "torch":
                 return torch_fused_rnn(self.rnn_tokens, "lstm", sequences)
+            if keras.backend.backend() == "jax":
+                return ops.squeeze(jax_fused_lstm(self.rnn_tokens, ops.expand_dims(sequences, 2), 1, training), 2)
             if float32:
                 return tensorflow_fused_lstm(self.rnn_tokens, sequences, training)
             # Mixed precision on TensorFlow: Keras' loop, which takes any dtype.
