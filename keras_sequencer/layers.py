@@ -330,21 +330,29 @@ def _float32_product(a, b):
     return product(a, b)
 
 
-# Steps per iteration of the JAX fused route's scan outside training
-# (BENCHMARKS.md, "Issue 13, eighth round"): 8 and more cost compile time for
-# little; in training one step per iteration gave the fastest gradient.
-JAX_INFERENCE_UNROLL = 4
+# An axis of a map with fewer sequences than this (batch times the other side)
+# runs Keras' scans, one per direction, on JAX's fused route too: below it
+# they were the faster (BENCHMARKS.md, "Issue 13, eighth round").
+JAX_FUSED_MIN_SEQUENCES = 256
 
 
-def jax_fused_lstm(rnn, x, time_axis, training=None):
+def jax_fuses(shape, time_axis):
+    """Whether JAX's fused route runs `time_axis` of a map of this (B, H, W, C)
+    shape as jax_fused_lstm (an unknown batch: yes)."""
+    batch, other = shape[0], shape[3 - time_axis]
+    return batch is None or other is None or batch * other >= JAX_FUSED_MIN_SEQUENCES
+
+
+def jax_fused_lstm(rnn, x, time_axis):
     """A Keras LSTM (or its Bidirectional wrapper) along `time_axis` (1: the
     columns, 2: the rows) of a (B, H, W, C) map on JAX -> (B, H, W, D*H).
 
     One `lax.scan` runs every direction of the axis, each direction with its
-    own products (a batched product of both was slower), several steps per
-    iteration outside training; Keras' loop runs one scan per direction, one
-    step per iteration. Products in the compute dtype with float32 results;
-    the state stays in float32."""
+    own products (a batched product of both was slower); Keras' loop runs one
+    scan per direction. One step per iteration: unrolling more steps ran
+    inference up to 2% faster and training slower, and compiled longer
+    (BENCHMARKS.md, "Issue 13, eighth round"). Products in the compute dtype
+    with float32 results; the state stays in float32."""
     import jax
     import jax.numpy as jnp
 
@@ -372,8 +380,7 @@ def jax_fused_lstm(rnn, x, time_axis, training=None):
         return tuple(new_state), tuple(h.astype(dtype) for h, _ in new_state)
 
     zeros = jnp.zeros((sequences.shape[1], directions[0].units), "float32")
-    unroll = 1 if training else JAX_INFERENCE_UNROLL
-    _, states = jax.lax.scan(step, ((zeros, zeros),) * len(directions), jnp.arange(steps), unroll=unroll)
+    _, states = jax.lax.scan(step, ((zeros, zeros),) * len(directions), jnp.arange(steps))
     states = [h[::-1] if d.go_backwards else h for d, h in zip(directions, states)]
     outputs = jnp.concatenate(states, -1).reshape(steps, *lead, -1)  # (T, B, M, D*H)
     return jnp.moveaxis(outputs, 0, time_axis)
@@ -1017,7 +1024,8 @@ class BiLSTM2D(layers.Layer):
         self.supports_jit = not (self.selected_route == "fused" and keras.backend.backend() == "tensorflow")
 
     def _run(self, rnn, sequences, training):
-        if self.selected_route == "fused":
+        # JAX's fused route runs Keras' scans where jax_fuses says no.
+        if self.selected_route == "fused" and keras.backend.backend() != "jax":
             if keras.backend.backend() == "torch":
                 return torch_fused_rnn(rnn, self.rnn_type, sequences)
             return tensorflow_fused_lstm(rnn, sequences, training)
@@ -1068,11 +1076,7 @@ class BiLSTM2D(layers.Layer):
         if self.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, inputs=x):
                 return _torch_bilstm2d(self, x)
-        if self.selected_route == "fused" and keras.backend.backend() == "jax":
-            axes = ((self.rnn_v, 1), (self.rnn_h, 2))
-            outputs = [jax_fused_lstm(rnn, x, time_axis, training) for rnn, time_axis in axes if rnn is not None]
-        else:
-            outputs = self._axes(x, training)
+        outputs = self._axes(x, training)
         if len(outputs) == 2:
             if self.union == "cat":
                 x = ops.concatenate(outputs, axis=-1)
@@ -1089,7 +1093,9 @@ class BiLSTM2D(layers.Layer):
         shape = ops.shape(x)
         batch, height, width, channels = shape[0], shape[1], shape[2], x.shape[-1]
         outputs = []
-        if self.with_vertical and self._tensorflow_unrolls(x.shape[1], training):
+        if self.with_vertical and self._jax_fuses(x, 1):
+            outputs.append(jax_fused_lstm(self.rnn_v, x, 1))
+        elif self.with_vertical and self._tensorflow_unrolls(x.shape[1], training):
             outputs.append(tensorflow_unrolled_lstm(self.rnn_v, x))
         elif self.with_vertical:
             v = ops.transpose(x, (0, 2, 1, 3))
@@ -1097,11 +1103,18 @@ class BiLSTM2D(layers.Layer):
             v = self._run(self.rnn_v, v, training)
             v = ops.reshape(v, (batch, width, height, self.output_size))
             outputs.append(ops.transpose(v, (0, 2, 1, 3)))
-        if self.with_horizontal:
+        if self.with_horizontal and self._jax_fuses(x, 2):
+            outputs.append(jax_fused_lstm(self.rnn_h, x, 2))
+        elif self.with_horizontal:
             h = ops.reshape(x, (-1, width, channels))
             h = self._run(self.rnn_h, h, training)
             outputs.append(ops.reshape(h, (batch, height, width, self.output_size)))
         return outputs
+
+    def _jax_fuses(self, x, time_axis):
+        if self.selected_route != "fused" or keras.backend.backend() != "jax":
+            return False
+        return jax_fuses(x.shape, time_axis)
 
     def compute_output_shape(self, input_shape):
         if self.with_fc:

@@ -137,21 +137,24 @@ def _flows(name, grid):
 # layers.TENSORFLOW_UNROLL_MAX_STEPS steps as an XLA-compiled unrolled
 # recurrence, longer ones through BlockLSTM. A limit of 0 puts every sequence
 # on BlockLSTM, so both forms meet the same checks on small grids.
-TENSORFLOW_FORMS = ["unrolled", "block"] if BACKEND == "tensorflow" else ["unrolled"]
+FUSED_FORMS = ["unrolled", "block"] if BACKEND == "tensorflow" else ["unrolled"]
 
 
-@pytest.fixture(params=TENSORFLOW_FORMS)
-def tensorflow_form(request, monkeypatch):
+@pytest.fixture(params=FUSED_FORMS)
+def fused_form(request, monkeypatch):
     from keras_sequencer import layers as layers_module
 
     if request.param == "block":
         monkeypatch.setattr(layers_module, "TENSORFLOW_UNROLL_MAX_STEPS", 0)
+    # JAX's fused route scans axes of layers.JAX_FUSED_MIN_SEQUENCES sequences
+    # or more; these small maps have fewer, so every axis is made to qualify.
+    monkeypatch.setattr(layers_module, "JAX_FUSED_MIN_SEQUENCES", 0)
     return request.param
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 @pytest.mark.parametrize("kwargs", FUSED_CASES)
-def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng, tensorflow_form):
+def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng, fused_form):
     if not _has_fused(kwargs["rnn_type"]):
         pytest.skip(f"no fused {kwargs['rnn_type']} kernel on {BACKEND}")
     layer = ks.BiLSTM2D(6, **kwargs)
@@ -172,7 +175,7 @@ def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng, tenso
         assert diff <= TOLERANCE, (name, diff)
 
 
-def test_fused_route_trains_a_model(rng):
+def test_fused_route_trains_a_model(rng, fused_form):
     model = ks.Sequencer2D(
         layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
         input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
@@ -190,7 +193,7 @@ def test_fused_route_trains_a_model(rng):
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused route under mixed precision")
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(policy, rng, tensorflow_form):
+def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(policy, rng, fused_form):
     """No bfloat16/float16 BlockLSTM on CPU: the fused route runs the float32
     kernel on the float32 variables inside a mixed-precision layer (the
     unrolled form: products from the compute dtype, state in float32). Outputs
@@ -324,29 +327,38 @@ def test_bfloat16_on_jax_keeps_off_the_cudnn_kernel(rng):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's fused route")
-def test_jax_fused_route_runs_one_scan_per_axis(rng):
-    """The fused route runs `jax_fused_lstm` once per axis (both directions in
-    one scan); the keras route never does."""
+def test_jax_fused_route_scans_axes_with_enough_sequences(rng, monkeypatch):
+    """The fused route runs `jax_fused_lstm` (both directions in one scan) for
+    an axis with at least layers.JAX_FUSED_MIN_SEQUENCES sequences (batch times
+    the other side) and Keras' scans for the others; the keras route never
+    runs it. The same outputs every way."""
     from unittest import mock
 
     import jax
 
     from keras_sequencer import layers as layers_module
 
-    x = rng.normal(size=(2, 3, 5, 6)).astype("float32")
+    x = rng.normal(size=(2, 3, 5, 6)).astype("float32")  # columns: 10 sequences, rows: 6
     layer = ks.BiLSTM2D(4, route="fused")
+    layer.build(x.shape)
+    outputs = {}
     with mock.patch.object(layers_module, "jax_fused_lstm", wraps=layers_module.jax_fused_lstm) as scan:
-        fused = np.asarray(jax.jit(layer)(x))
-        assert [call.args[2] for call in scan.call_args_list] == [1, 2]
+        for least, axes in ((0, [1, 2]), (10, [1]), (11, []), (layers_module.JAX_FUSED_MIN_SEQUENCES, [])):
+            monkeypatch.setattr(layers_module, "JAX_FUSED_MIN_SEQUENCES", least)
+            scan.reset_mock()
+            outputs[least] = np.asarray(jax.jit(lambda a: layer(a))(x))  # traced afresh
+            assert [call.args[2] for call in scan.call_args_list] == axes, least
+        monkeypatch.setattr(layers_module, "JAX_FUSED_MIN_SEQUENCES", 0)
         layer.route = "keras"
         scan.reset_mock()
-        expected = np.asarray(jax.jit(layer)(x))
+        expected = np.asarray(jax.jit(lambda a: layer(a))(x))
         assert scan.call_count == 0
-    assert np.abs(fused - expected).max() <= TOLERANCE
+    for least, got in outputs.items():
+        assert np.abs(got - expected).max() <= TOLERANCE, least
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's fused route under mixed precision")
-def test_mixed_precision_fused_route_on_jax_keeps_the_state_in_float32(rng):
+def test_mixed_precision_fused_route_on_jax_keeps_the_state_in_float32(rng, fused_form):
     """Under mixed_bfloat16 the fused route's products take bfloat16 and give
     float32, the state stays in float32, the output is bfloat16: within the
     compute dtype's rounding of the float32 layer's outputs and gradients."""

@@ -129,7 +129,7 @@ class VanillaSequencerBlock(layers.Layer):
             if keras.backend.backend() == "torch":
                 return torch_fused_rnn(self.rnn_tokens, "lstm", sequences)
             if keras.backend.backend() == "jax":
-                return ops.squeeze(jax_fused_lstm(self.rnn_tokens, ops.expand_dims(sequences, 2), 1, training), 2)
+                return ops.squeeze(jax_fused_lstm(self.rnn_tokens, ops.expand_dims(sequences, 2), 1), 2)
             if float32:
                 return tensorflow_fused_lstm(self.rnn_tokens, sequences, training)
             # Mixed precision on TensorFlow: Keras' loop, which takes any dtype.
