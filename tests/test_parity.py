@@ -25,6 +25,17 @@ ABLATIONS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def jax_scans_every_axis(monkeypatch):
+    """JAX's fused route scans an axis as one scan for both directions from
+    layers.JAX_FUSED_MIN_SEQUENCES sequences (else Keras' scans, which the
+    "keras" route checks); these small batches have fewer, so every axis is
+    made to qualify."""
+    from keras_sequencer import layers as layers_module
+
+    monkeypatch.setattr(layers_module, "JAX_FUSED_MIN_SEQUENCES", 0)
+
+
 def _images(rng, batch, height, width):
     return rng.uniform(0, 255, size=(batch, height, width, 3)).astype("float32")
 
@@ -77,15 +88,16 @@ def test_feature_map_without_top(reference_s, rng):
 
 
 # Every route this backend has: on a CPU "auto" is "fused" on torch and, for
-# LSTMs, on TensorFlow (BlockLSTM); JAX has only Keras' loop.
-ROUTES = {"torch": ["auto", "keras"], "tensorflow": ["auto", "keras"]}.get(keras.backend.backend(), ["auto"])
+# LSTMs, on TensorFlow and JAX.
+ROUTES = ["auto", "keras"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_every_variant_at_small_size(name, route, rng):
-    if route == "keras" and keras.backend.backend() == "tensorflow" and name.startswith(("gru_", "rnn_")):
-        pytest.skip("TensorFlow's fused kernel is LSTM only: 'auto' already ran Keras' loop")
+    backend = keras.backend.backend()
+    if route == "keras" and backend in ("tensorflow", "jax") and name.startswith(("gru_", "rnn_")):
+        pytest.skip(f"{backend}'s fused route is LSTM only: 'auto' already ran Keras' loop")
     reference = make_reference(name, seed=1)
     model = ks.create_model(
         name,
