@@ -295,6 +295,22 @@ def test_cli_exports_a_model_saved_on_this_backend(model, tmp_path):
     assert again.returncode == 2 and "overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
+@tf_only
+def test_cli_onnx_export_is_quiet(model, tmp_path):
+    """Only the result line: no warnings from Keras' tf2onnx shim under NumPy 2."""
+    saved = tmp_path / "trained.keras"
+    model.save(saved)
+    output = tmp_path / "model.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_sequencer.cli", "export", "--weights", str(saved),
+         "--format", "onnx", "--image-size", "32", "--output", str(output)],
+        capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND="tensorflow"), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote" in result.stdout and output.is_file()
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+
+
 def _has_litert():
     try:
         import ai_edge_litert  # noqa: F401

@@ -7,6 +7,7 @@ checked before it is moved into place.
 
 import contextlib
 import os
+import warnings
 
 import keras
 
@@ -193,7 +194,10 @@ def export(
             elif format == "tflite":
                 _write_tflite(exported, tmp, spec, quantize, verbose)
             elif keras.backend.backend() == "tensorflow":
-                exported.export(tmp, format="onnx", input_signature=[spec], verbose=verbose)
+                with warnings.catch_warnings():
+                    # Keras' tf2onnx shim probes np.object, which NumPy 2 answers with a warning.
+                    warnings.filterwarnings("ignore", message="In the future `np.object`", category=FutureWarning)
+                    exported.export(tmp, format="onnx", input_signature=[spec], verbose=verbose)
             else:
                 _write_torch_onnx(exported, tmp, verbose)
         cudnn = sorted(op for op in exported_op_types(tmp, format) if op.startswith(CUDNN_OP_PREFIX))
