@@ -1,7 +1,7 @@
 """Whole-model A/B on TensorFlow: the working tree's layers against a commit's.
 
     python benchmarks/ab_tensorflow.py --swap tensorflow_fused_lstm BiLSTM2D.call \
-        [--base HEAD] [--policy mixed_bfloat16] [--batch 16] [--size 224] [--rounds 21]
+        [--base HEAD] [--policy mixed_bfloat16] [--batch 16] [--size 224] [--rounds 21] [--train]
 
 Model A is traced with the functions named in --swap (names in
 keras_sequencer/layers.py, "Class.method" for a method) taken from the --base
@@ -9,7 +9,8 @@ commit's layers.py, model B with the working tree's; name every function whose
 contract changed between the two. Both hold the same random
 weights and are called alternately, so the machine's drift hits both alike.
 Prints the largest logit difference and "paired": the median over rounds of
-B's time / A's time. The decisions of BENCHMARKS.md's "Issue 13" sixth and
+B's time / A's time. With --train each call is a training step instead
+(`train_on_batch`, AdamW, cross-entropy on random labels). The decisions of BENCHMARKS.md's "Issue 13" sixth and
 seventh rounds were made this way. Run by hand, from the repository root.
 """
 
@@ -62,6 +63,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--train", action="store_true", help="time training steps, not inference")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -81,25 +83,37 @@ def main():
     current = {name: lookup(layers, name) for name in args.swap}
     for name in args.swap:
         replace(layers, name, lookup(old, name))
-    calls = [tf.function(lambda inputs: models[0](inputs, training=False))]
-    outputs = [calls[0](x).numpy().astype("float32")]  # traced with the committed functions
+    if args.train:
+        labels = keras.utils.to_categorical(rng.integers(0, 1000, args.batch), 1000)
+        for model in models:
+            model.compile(optimizer=keras.optimizers.AdamW(1e-4),
+                          loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+
+        def step(model):
+            return lambda inputs: np.asarray(model.train_on_batch(inputs, labels))
+        calls = [step(model) for model in models]
+    else:
+        calls = [tf.function(lambda inputs: models[0](inputs, training=False)),
+                 tf.function(lambda inputs: models[1](inputs, training=False))]
+    outputs = [np.asarray(calls[0](x), "float32")]  # traced with the committed functions
     for name, value in current.items():
         replace(layers, name, value)
-    calls.append(tf.function(lambda inputs: models[1](inputs, training=False)))
-    outputs.append(calls[1](x).numpy().astype("float32"))
-    print(f"max abs logit difference {np.abs(outputs[0] - outputs[1]).max():.3g} (logit std {outputs[0].std():.3g})")
+    outputs.append(np.asarray(calls[1](x), "float32"))
+    print(f"max abs {'loss' if args.train else 'logit'} difference {np.abs(outputs[0] - outputs[1]).max():.3g}"
+          f" (std {outputs[0].std():.3g})")
 
     for call in calls:
-        call(x).numpy()
+        np.asarray(call(x))
     times = [[], []]
     for round_ in range(args.rounds):
         for index in (0, 1) if round_ % 2 == 0 else (1, 0):
             start = time.perf_counter()
-            calls[index](x).numpy()
+            np.asarray(calls[index](x))
             times[index].append(time.perf_counter() - start)
     ratios = [new / old for old, new in zip(*times)]
+    mode = "training step" if args.train else "inference"
     print(
-        f"{args.policy}, batch {args.batch}: {args.base} {1e3 * statistics.median(times[0]):.1f} ms, "
+        f"{args.policy}, {mode}, batch {args.batch}: {args.base} {1e3 * statistics.median(times[0]):.1f} ms, "
         f"working tree {1e3 * statistics.median(times[1]):.1f} ms, paired {statistics.median(ratios):.3f} "
         f"({sum(r < 1 for r in ratios)}/{args.rounds} rounds faster)"
     )

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import math
+import os
 import warnings
 import weakref
 
@@ -162,6 +163,21 @@ def has_gpu():
     return torch.cuda.is_available()
 
 
+@functools.cache
+def cpu_has_amx():
+    """Whether oneDNN may use this CPU's AMX bfloat16 tiles: the flag in Linux's
+    /proc/cpuinfo, unless ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) caps oneDNN
+    below AMX."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo)
+    except OSError:
+        return False
+
+
 def directions_of(rnn):
     """An axis' recurrent layers: [forward, backward] of a Bidirectional, or [rnn]."""
     if isinstance(rnn, layers.Bidirectional):
@@ -183,6 +199,23 @@ def _icfo(w):
 # run BlockLSTM, as XLA's compile time grows with the steps (BENCHMARKS.md,
 # "Issue 13, fourth round").
 TENSORFLOW_UNROLL_MAX_STEPS = 32
+
+# None: tensorflow_plain_bfloat16_products decides by the CPU; tests set it.
+TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS = None
+
+
+def tensorflow_plain_bfloat16_products(dtype):
+    """Whether TensorFlow's fused route multiplies bfloat16 activations as plain
+    MatMuls (oneDNN's matmul, on AMX where the CPU has it), adding the biases
+    and GELU in XLA. With the bias after it, TensorFlow hands a MatMul to
+    oneDNN's inner product, whose bfloat16 form with plain weights is oneDNN's
+    gemm fallback, without AMX. On AMX CPUs only: capped below AMX, the plain
+    form was the slower (BENCHMARKS.md, "Issue 13, ninth round")."""
+    if keras.backend.standardize_dtype(dtype) != "bfloat16":
+        return False
+    if TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS is not None:
+        return TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS
+    return cpu_has_amx()
 
 
 def tensorflow_fused_lstm(rnn, sequences, training=None):
@@ -234,22 +267,26 @@ def tensorflow_unrolled_lstm(rnn, x):
     bias = tf.concat([ops.cast(keras_compat.stored_value(d.cell.bias), dtype) for d in directions], -1)
     recurrent = tf.stack([ops.cast(keras_compat.stored_value(d.cell.recurrent_kernel), dtype) for d in directions])
     shape = tf.shape(x)
-    projected = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel), bias)
+    projected = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel)
+    if tensorflow_plain_bfloat16_products(dtype):
+        bias = tf.reshape(tf.cast(bias, "float32"), (len(directions), -1))  # added to the gates in XLA
+    else:
+        projected, bias = tf.nn.bias_add(projected, bias), None
     projected = tf.reshape(projected, (shape[0], x.shape[1], shape[2], len(directions), 4 * recurrent.shape[1]))
     backward = [d.go_backwards for d in directions]
-    return _xla_recurrence()(projected, recurrent, backward)
+    return _xla_recurrence()(projected, recurrent, backward, bias)
 
 
 @functools.cache
 def _xla_recurrence():
     import tensorflow as tf
 
-    def recurrence(projected, recurrent, backward):
+    def recurrence(projected, recurrent, backward, bias=None):
         # projected: (B, T, M, D, 4H) gate inputs of D directions; recurrent:
         # (D, H, 4H). Both in the compute dtype; the state and the gates stay in
-        # float32.
+        # float32. bias: (D, 4H) float32 where the gate inputs have none yet.
         if projected.dtype != tf.float32:
-            return _per_direction_recurrence(projected, recurrent, backward)
+            return _per_direction_recurrence(projected, recurrent, backward, bias)
         steps, units = projected.shape[1], recurrent.shape[1]
         h = c = tf.zeros((len(backward), tf.shape(projected)[0] * tf.shape(projected)[2], units), "float32")
         outputs = []
@@ -272,7 +309,7 @@ def _gate_inputs(projected, step, direction):
     return tf.reshape(projected[:, step, :, direction], (-1, projected.shape[-1]))
 
 
-def _per_direction_recurrence(projected, recurrent, backward):
+def _per_direction_recurrence(projected, recurrent, backward, bias):
     """The mixed-precision recurrence: each direction's gate arithmetic reads its
     slice of the bfloat16 gate inputs itself (XLA otherwise gathers the
     directions' slices into a float32 copy every step), and the state leaves
@@ -287,6 +324,8 @@ def _per_direction_recurrence(projected, recurrent, backward):
         states = []
         for d, back in enumerate(backward):
             gates = tf.cast(_gate_inputs(projected, steps - 1 - step if back else step, d), "float32")
+            if bias is not None:
+                gates += bias[d]
             if recurrent_part is not None:
                 gates += recurrent_part[d]
             i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
@@ -884,16 +923,44 @@ def tensorflow_fused_mlp(fc1, fc2, x):
     """fc2(gelu_exact(fc1(x))) as MatMul, BiasAdd and the erf form of GELU
     that TensorFlow's graph remapper fuses into one oneDNN MatMul with a GELU
     post-op. Keras' Dense multiplies a 4D input as a batched product and adds
-    the bias after it, which the remapper cannot fuse (BENCHMARKS.md)."""
+    the bias after it, which the remapper cannot fuse (BENCHMARKS.md). Where
+    tensorflow_plain_bfloat16_products says so, plain MatMuls with the biases
+    and GELU in XLA."""
     import tensorflow as tf
 
     dtype = x.dtype
     shape = tf.shape(x)
     y = tf.reshape(x, (-1, x.shape[-1]))
+    if tensorflow_plain_bfloat16_products(dtype):
+        y = _xla_bias_gelu()(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
+        y = _xla_bias_add()(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype))
+        return tf.reshape(y, tf.concat([shape[:-1], [fc2.units]], 0))
     y = tf.nn.bias_add(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
     y = ((tf.math.erf(y * 0.7071067811865476) + 1.0) * 0.5) * y
     y = tf.nn.bias_add(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype))
     return tf.reshape(y, tf.concat([shape[:-1], [fc2.units]], 0))
+
+
+@functools.cache
+def _xla_bias_gelu():
+    """gelu_exact(y + bias) as one XLA call, in float32 as oneDNN's GELU
+    post-op computes it, out in the dtype of `y`."""
+    import tensorflow as tf
+
+    def bias_gelu(y, bias):
+        z = tf.cast(y, "float32") + tf.cast(bias, "float32")
+        return tf.cast(((tf.math.erf(z * 0.7071067811865476) + 1.0) * 0.5) * z, y.dtype)
+
+    return tf.function(bias_gelu, jit_compile=True)
+
+
+@functools.cache
+def _xla_bias_add():
+    """y + bias as an XLA call: as TensorFlow ops, the remapper would fuse it
+    with the MatMul before it into oneDNN's inner product."""
+    import tensorflow as tf
+
+    return tf.function(lambda y, bias: y + bias, jit_compile=True)
 
 
 def gelu_exact(x):

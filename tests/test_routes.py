@@ -191,16 +191,32 @@ def test_fused_route_trains_a_model(rng, fused_form):
     assert np.abs(keras.ops.convert_to_numpy(kernel) - before).max() > 0  # the LSTM learned
 
 
+# TensorFlow's bfloat16 products have two forms (layers.
+# tensorflow_plain_bfloat16_products): plain MatMuls with the biases and GELU
+# in XLA (AMX CPUs), or MatMul+BiasAdd for TensorFlow's oneDNN fusions. Tests
+# pin each, whatever this CPU would pick.
+MIXED_FORMS = [("mixed_bfloat16", False), ("mixed_bfloat16", True), ("mixed_float16", False)]
+
+
+def _mixed_form_id(form):
+    policy, plain = form
+    return f"{policy}-plain_products" if plain else policy
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused route under mixed precision")
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(policy, rng, fused_form):
+@pytest.mark.parametrize("policy,plain", MIXED_FORMS, ids=[_mixed_form_id(f) for f in MIXED_FORMS])
+def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(policy, plain, rng, fused_form,
+                                                                              monkeypatch):
     """No bfloat16/float16 BlockLSTM on CPU: the fused route runs the float32
     kernel on the float32 variables inside a mixed-precision layer (the
     unrolled form: products from the compute dtype, state in float32). Outputs
     and gradients within the compute dtype's rounding of the float32 layer's
-    (the block's fused MLP included)."""
+    (the block's fused MLP included), with either form of the products."""
     import tensorflow as tf
 
+    from keras_sequencer import layers as layers_module
+
+    monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", plain)
     x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
     exact = _block(rng, rnn_route="fused")
     mixed = ks.Sequencer2DBlock(6, mlp_ratio=2.0, rnn_route="fused", dtype=policy)
@@ -228,6 +244,108 @@ def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(po
     rounding = 2.0**-8 if policy == "mixed_bfloat16" else 2.0**-11
     for name, g, e in zip(["inputs"] + [v.path for v in mixed.trainable_variables], grads, expected_grads):
         assert np.abs(g - e).max() <= 16 * rounding * np.abs(e).max(), name
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
+@pytest.mark.parametrize("plain", [False, True], ids=["bias_add", "plain_products"])
+def test_tensorflow_plain_bfloat16_products_leave_no_bias_on_a_matmul(plain, rng, monkeypatch):
+    """TensorFlow hands a MatMul followed by a BiasAdd (or an Add of a bias) to
+    oneDNN's inner product, whose bfloat16 form runs without AMX. In the plain
+    form no product of a mixed_bfloat16 block in traced inference feeds a bias
+    op: the biases and GELU are XLA calls. In the other form the input
+    projection and both MLP products feed BiasAdds, for TensorFlow to fuse."""
+    import tensorflow as tf
+
+    from keras_sequencer import layers as layers_module
+
+    monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", plain)
+    block = ks.Sequencer2DBlock(6, mlp_ratio=2.0, rnn_route="fused", dtype="mixed_bfloat16")
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+    block.build(x.shape)
+    graph = tf.function(lambda a: block(a, training=False)).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    biased = [
+        op.inputs[0].op.type
+        for op in graph.get_operations()
+        if op.type in ("BiasAdd", "AddV2", "Add") and op.inputs[0].op.type == "MatMul"
+    ]
+    compiled = [op.get_attr("f").name for op in graph.get_operations() if op.type == "StatefulPartitionedCall"
+                or op.type == "PartitionedCall"]
+    if plain:
+        assert biased == []
+        assert sum("bias_gelu" in name for name in compiled) == 1, compiled
+    else:
+        assert len(biased) == 4, biased  # two axes' projections, fc1, fc2
+        assert not any("bias_gelu" in name for name in compiled), compiled
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
+def test_tensorflow_plain_bfloat16_products_follow_the_cpu(tmp_path, monkeypatch):
+    """Plain bfloat16 products where oneDNN has AMX (the CPU's flag, unless
+    ONEDNN_MAX_CPU_ISA caps it below AMX), for bfloat16 only; the module
+    switch overrides the CPU."""
+    import builtins
+
+    from keras_sequencer import layers as layers_module
+
+    real_open = builtins.open
+    cpuinfo = tmp_path / "cpuinfo"
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    has_amx = layers_module.cpu_has_amx.__wrapped__  # uncached
+    for isa in (None, "AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL"):
+        if isa is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+        assert has_amx() == (isa != "AVX512_CORE_BF16"), isa
+        cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+        assert not has_amx(), isa
+    cpuinfo.unlink()
+    assert not has_amx()  # no /proc/cpuinfo: not Linux
+
+    monkeypatch.setattr(layers_module, "cpu_has_amx", lambda: True)
+    assert layers_module.tensorflow_plain_bfloat16_products("bfloat16")
+    assert not layers_module.tensorflow_plain_bfloat16_products("float32")
+    assert not layers_module.tensorflow_plain_bfloat16_products("float16")
+    monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", False)
+    assert not layers_module.tensorflow_plain_bfloat16_products("bfloat16")
+    monkeypatch.setattr(layers_module, "cpu_has_amx", lambda: False)
+    assert not layers_module.tensorflow_plain_bfloat16_products("float32")
+    monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", True)
+    assert layers_module.tensorflow_plain_bfloat16_products("bfloat16")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
+@pytest.mark.parametrize("plain", [False, True], ids=["bias_add", "plain_products"])
+def test_mixed_bfloat16_fused_route_trains_on_tensorflow(plain, rng, monkeypatch):
+    """fit under mixed_bfloat16 with either form of the products: the loss
+    falls and the LSTM and MLP learn."""
+    from keras_sequencer import layers as layers_module
+
+    monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", plain)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = ks.Sequencer2D(
+            layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
+            input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 32), 3)
+    block = model.get_layer("stages_0_blocks_0")
+    watched = [block.rnn_tokens.rnn_v.forward_layer.cell.kernel, block.fc1.kernel, block.fc2.bias]
+    before = [keras.ops.convert_to_numpy(v).copy() for v in watched]
+    history = model.fit(x, y, epochs=8, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for variable, value in zip(watched, before):
+        assert np.abs(keras.ops.convert_to_numpy(variable) - value).max() > 0, variable.path
 
 
 def _tensorflow_graph_kernels(fn, x):
