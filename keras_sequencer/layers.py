@@ -447,9 +447,14 @@ def _xla_layer_norm(epsilon):
 
     def layer_norm(x, gamma, beta):
         y = tf.cast(x, "float32")
-        mean = tf.reduce_mean(y, -1, keepdims=True)
+        channels = y.shape[-1]
+        # The channel means as products with a (C, 1) vector of 1/C: XLA's
+        # CPU reductions over the last axis ran slower (BENCHMARKS.md, ninth round).
+        average = tf.fill((channels, 1), 1.0 / channels)
+        rows, stats_shape = (-1, channels), tf.concat([tf.shape(y)[:-1], [1]], 0)
+        mean = tf.reshape(tf.matmul(tf.reshape(y, rows), average), stats_shape)
         centered = y - mean
-        variance = tf.reduce_mean(tf.square(centered), -1, keepdims=True)
+        variance = tf.reshape(tf.matmul(tf.reshape(tf.square(centered), rows), average), stats_shape)
         return tf.cast(centered * (tf.math.rsqrt(variance + epsilon) * gamma) + beta, x.dtype)
 
     return tf.function(layer_norm, jit_compile=True)
