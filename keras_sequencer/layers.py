@@ -935,26 +935,31 @@ def tensorflow_fused_mlp(fc1, fc2, x):
 
     dtype = x.dtype
     shape = tf.shape(x)
-    y = tf.reshape(x, (-1, x.shape[-1]))
     if tensorflow_plain_bfloat16_products(dtype):
-        y = _xla_bias_gelu()(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
-        y = _xla_bias_add()(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype))
-        return tf.reshape(y, tf.concat([shape[:-1], [fc2.units]], 0))
-    y = tf.nn.bias_add(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
-    y = ((tf.math.erf(y * 0.7071067811865476) + 1.0) * 0.5) * y
-    y = tf.nn.bias_add(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype))
+        bias_gelu, bias_add = _xla_bias_gelu(), _xla_bias_add()
+    else:
+        bias_gelu, bias_add = lambda y, bias: _erf_gelu(tf.nn.bias_add(y, bias)), tf.nn.bias_add
+    y = tf.reshape(x, (-1, x.shape[-1]))
+    y = bias_gelu(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
+    y = bias_add(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype))
     return tf.reshape(y, tf.concat([shape[:-1], [fc2.units]], 0))
+
+
+def _erf_gelu(y):
+    """The exact GELU in the form TensorFlow's remapper matches."""
+    import tensorflow as tf
+
+    return ((tf.math.erf(y * 0.7071067811865476) + 1.0) * 0.5) * y
 
 
 @functools.cache
 def _xla_bias_gelu():
-    """gelu_exact(y + bias) as one XLA call, in float32 as oneDNN's GELU
+    """_erf_gelu(y + bias) as one XLA call, in float32 as oneDNN's GELU
     post-op computes it, out in the dtype of `y`."""
     import tensorflow as tf
 
     def bias_gelu(y, bias):
-        z = tf.cast(y, "float32") + tf.cast(bias, "float32")
-        return tf.cast(((tf.math.erf(z * 0.7071067811865476) + 1.0) * 0.5) * z, y.dtype)
+        return tf.cast(_erf_gelu(tf.cast(y, "float32") + tf.cast(bias, "float32")), y.dtype)
 
     return tf.function(bias_gelu, jit_compile=True)
 
