@@ -254,22 +254,16 @@ def test_tensorflow_plain_bfloat16_products_leave_no_bias_on_a_matmul(plain, rng
     form no product of a mixed_bfloat16 block in traced inference feeds a bias
     op: the biases and GELU are XLA calls. In the other form the input
     projection and both MLP products feed BiasAdds, for TensorFlow to fuse."""
-    import tensorflow as tf
-
     from keras_sequencer import layers as layers_module
 
     monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", plain)
     block = ks.Sequencer2DBlock(6, mlp_ratio=2.0, rnn_route="fused", dtype="mixed_bfloat16")
     x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
     block.build(x.shape)
-    graph = tf.function(lambda a: block(a, training=False)).get_concrete_function(tf.TensorSpec(x.shape)).graph
-    biased = [
-        op.inputs[0].op.type
-        for op in graph.get_operations()
-        if op.type in ("BiasAdd", "AddV2", "Add") and op.inputs[0].op.type == "MatMul"
-    ]
-    compiled = [op.get_attr("f").name for op in graph.get_operations() if op.type == "StatefulPartitionedCall"
-                or op.type == "PartitionedCall"]
+    operations = _traced_operations(lambda a: block(a, training=False), x)
+    bias_ops = ("BiasAdd", "AddV2", "Add")
+    biased = [op.name for op in operations if op.type in bias_ops and op.inputs[0].op.type == "MatMul"]
+    compiled = _xla_compiled_functions(operations)
     if plain:
         assert biased == []
         assert sum("bias_gelu" in name for name in compiled) == 1, compiled
@@ -348,18 +342,27 @@ def test_mixed_bfloat16_fused_route_trains_on_tensorflow(plain, rng, monkeypatch
         assert np.abs(keras.ops.convert_to_numpy(variable) - value).max() > 0, variable.path
 
 
-def _tensorflow_graph_kernels(fn, x):
-    """(BlockLSTM ops, XLA-compiled recurrences, XLA-compiled LayerNorms) in
-    the graph `fn` traces for `x`."""
+def _traced_operations(fn, x):
+    """The operations of the graph `fn` traces for `x`."""
     import tensorflow as tf
 
-    graph = tf.function(fn).get_concrete_function(tf.TensorSpec(x.shape)).graph
-    operations = graph.get_operations()
-    compiled = [
+    return tf.function(fn).get_concrete_function(tf.TensorSpec(x.shape)).graph.get_operations()
+
+
+def _xla_compiled_functions(operations):
+    """The names of the functions these operations call with XLA."""
+    return [
         op.get_attr("f").name
         for op in operations
         if "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")
     ]
+
+
+def _tensorflow_graph_kernels(fn, x):
+    """(BlockLSTM ops, XLA-compiled recurrences, XLA-compiled LayerNorms) in
+    the graph `fn` traces for `x`."""
+    operations = _traced_operations(fn, x)
+    compiled = _xla_compiled_functions(operations)
     assert all("recurrence" in name or "layer_norm" in name for name in compiled), compiled
     return (
         [op.type for op in operations].count("BlockLSTM"),
