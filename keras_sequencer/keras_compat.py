@@ -11,13 +11,15 @@ silently bringing back the bug it guards against.
 import collections
 import contextlib
 import ast
+import functools
 import importlib
 import sys
 import threading
 
 import keras
 
-# (what it guards against, module, attribute path) for every internal used.
+# (what it guards against, module, attribute path) for every internal used;
+# those of one backend's code are in BACKEND_INTERNALS too.
 INTERNALS = {
     "functional graph walk": (
         "memory: Keras keeps every intermediate of a functional pass until it ends",
@@ -74,7 +76,14 @@ INTERNALS = {
         "keras.optimizers",
         "Optimizer._clip_gradients",
     ),
+    "jax step compiler": (
+        "JAX on AMX CPUs: fit, evaluate and predict compiled without YNNPACK's slower products (models.base)",
+        "keras.src.backend.jax.trainer",
+        "jit",
+    ),
 }
+# {internal: the backend whose code it is}: checked only where that backend runs.
+BACKEND_INTERNALS = {"jax step compiler": "jax"}
 # Attributes of a built functional model that the graph walk reads.
 _FUNCTIONAL_ATTRIBUTES = ("_nodes_by_depth", "_outputs_struct")
 
@@ -92,9 +101,12 @@ def _resolve(module, path):
 
 
 def missing_internals():
-    """The names of INTERNALS that this Keras no longer has (empty when all resolve)."""
+    """The names of INTERNALS that this Keras no longer has (empty when all
+    resolve), leaving out those of backends other than the current one."""
     missing = []
     for name, (_, module, path) in INTERNALS.items():
+        if BACKEND_INTERNALS.get(name, keras.backend.backend()) != keras.backend.backend():
+            continue
         try:
             _resolve(module, path)
         except (ImportError, AttributeError):
@@ -189,6 +201,29 @@ def tensorflow_left_unimported():
         yield
     finally:
         lazy_tensorflow._available = None  # asked afresh next time
+
+
+@contextlib.contextmanager
+def jax_steps_compiled_with(compiler_options):
+    """Keras' JAX trainer compiles the train, test and predict steps it makes
+    with `jax.jit` and no XLA options: inside this block those steps are
+    compiled with `compiler_options` (XLA options for these computations only,
+    not the process-wide XLA_FLAGS)."""
+    if not compiler_options or not _available("jax step compiler"):
+        yield
+        return
+    import jax
+    from keras.src.backend.jax import trainer
+
+    original = trainer.jit
+    if original is not jax.jit:  # Flax NNX's jit, with its own arguments
+        yield
+        return
+    trainer.jit = functools.partial(original, compiler_options=dict(compiler_options))
+    try:
+        yield
+    finally:
+        trainer.jit = original
 
 
 def flatten_layers(layer):

@@ -239,3 +239,48 @@ def test_predict_runs_in_inference_mode_on_torch_and_the_model_still_trains(rng)
     assert np.abs(after - first).max() > 1e-3  # it learned
     np.testing.assert_allclose(after, keras.ops.convert_to_numpy(probed(x, training=False)), atol=1e-6)
     assert modes == [True, False]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="Keras' compiled JAX steps")
+@pytest.mark.parametrize("without_ynnpack", [True, False])
+def test_compiled_jax_steps_take_the_models_xla_options(rng, tmp_path, monkeypatch, without_ynnpack):
+    """evaluate and predict compile with jax_compiler_options: where it turns
+    YNNPACK off (AMX CPUs), XLA's optimized predict and test steps hold no
+    YNNPACK fusion; left on, they hold one wherever this XLA sends a plain
+    product to YNNPACK, as fit's train step always does. Predictions equal a
+    direct call either way. XLA dumps its optimized modules through the same
+    options, so fit's step is compiled with a dump of its own."""
+    import jax
+
+    from keras_sequencer import keras_compat
+    from keras_sequencer.models import base
+
+    monkeypatch.setattr(base, "JAX_WITHOUT_YNNPACK", without_ynnpack)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = base.jax_compiler_options()
+    assert bool(options) == without_ynnpack and jax.default_backend() == "cpu"
+    dump = tmp_path / "xla"
+    monkeypatch.setattr(base, "jax_compiler_options", lambda: {**options, "xla_dump_to": str(dump)})
+    model = ks.Sequencer2D(
+        layers=[1], patch_sizes=[2], embed_dims=[16], hidden_sizes=[8], mlp_ratios=[2],
+        input_shape=(16, 16, 3), include_preprocessing=False, classes=10,
+    )
+    x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 10, 4)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(model.predict_on_batch(x), expected, atol=1e-5)
+    model.compile(optimizer="adamw", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.evaluate(x, y, verbose=0)
+    with keras_compat.jax_steps_compiled_with({"xla_dump_to": str(dump)}):
+        model.fit(x, y, epochs=1, verbose=0)
+
+    def fused_by_ynnpack(step):
+        (module,) = dump.glob(f"*jit_{step}*after_optimizations.txt")
+        return "__ynn_fusion" in module.read_text()
+
+    a = np.ones((64, 32), "float32")
+    plain_product = jax.jit(lambda a, b: a @ b).lower(a, a.T).compile()
+    ynnpack_default = "__ynn_fusion" in plain_product.as_text()
+    for step in ("predict_step", "test_step"):
+        assert fused_by_ynnpack(step) == (ynnpack_default and not without_ynnpack), step
+    assert fused_by_ynnpack("train_step") == ynnpack_default

@@ -8,7 +8,29 @@ import keras
 
 from keras_sequencer import keras_compat, registry
 from keras_sequencer.imagenet import DEFAULT_CROP_PCT, normalization_layer
-from keras_sequencer.layers import LAYER_NORM_EPSILON
+from keras_sequencer.layers import LAYER_NORM_EPSILON, cpu_has_amx
+
+# None: jax_compiler_options decides by the CPU; tests set it.
+JAX_WITHOUT_YNNPACK = None
+_YNNPACK_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def jax_compiler_options():
+    """XLA options for a model's compiled JAX inference steps (evaluate,
+    predict). XLA's CPU default hands products to YNNPACK, which on the AMX CPU
+    measured ran this model's inference slower than XLA's own products
+    (float32 batch 16: 0.80x timm with it, 1.04x without) but its training
+    step faster (so fit keeps the default; BENCHMARKS.md, ninth and tenth
+    rounds). On AMX CPUs only: on AMD CPUs it made no reliable difference. The
+    option set in XLA_FLAGS wins."""
+    if keras.backend.backend() != "jax" or _YNNPACK_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    import jax
+
+    without = JAX_WITHOUT_YNNPACK if JAX_WITHOUT_YNNPACK is not None else cpu_has_amx()
+    if not without or jax.default_backend() != "cpu":
+        return {}
+    return {_YNNPACK_OPTION: ""}
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -34,6 +56,15 @@ class FreeingFunctional(keras.Model):
         if self.metadata:
             config["metadata"] = dict(self.metadata)
         return config
+
+    # JAX: Keras' compiled inference steps, with this model's XLA options.
+    def make_test_function(self, force=False):
+        with keras_compat.jax_steps_compiled_with(jax_compiler_options()):
+            return super().make_test_function(force)
+
+    def make_predict_function(self, force=False):
+        with keras_compat.jax_steps_compiled_with(jax_compiler_options()):
+            return super().make_predict_function(force)
 
     def predict_step(self, *args, **kwargs):
         # torch: `predict` and `predict_on_batch` run under inference mode (as
