@@ -1,0 +1,83 @@
+"""JAX's compiled steps with and without YNNPACK (models.base.jax_compiler_options).
+
+    python benchmarks/ab_jax_ynnpack.py [--batch 16] [--rounds 10] [--train] [--policy mixed_bfloat16]
+
+Two sequencer2d_s models with the same weights in one process, one whose
+steps compile with XLA's default (YNNPACK fusions on the CPU), one without
+(`JAX_WITHOUT_YNNPACK`), called alternately: `predict_on_batch` at 224 px, or
+`train_on_batch` (AdamW, cross-entropy) with --train (the package's `fit`
+keeps the default; here the train step is compiled both ways). Prints the medians and the
+paired median ratio (without / default; below 1: without is faster). Run by
+hand, not by CI.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ["KERAS_BACKEND"] = "jax"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_sequencer as ks  # noqa: E402
+from keras_sequencer import keras_compat  # noqa: E402
+from keras_sequencer.models import base  # noqa: E402
+
+WITHOUT_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--train", action="store_true")
+    parser.add_argument("--policy", default="float32", choices=("float32", "mixed_bfloat16"))
+    args = parser.parse_args()
+    if "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        parser.error("XLA_FLAGS sets the YNNPACK option for both models")
+    keras.config.set_dtype_policy(args.policy)
+    x = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
+    y = np.zeros((args.batch,), "int64")
+    models = []
+    for without in (False, True):
+        base.JAX_WITHOUT_YNNPACK = without
+        model = ks.create_model("sequencer2d_s", weights=None, input_shape=x.shape[1:], include_preprocessing=False)
+        if models:
+            model.set_weights(models[0].get_weights())
+        if args.train:
+            model.compile(optimizer="adamw", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            with keras_compat.jax_steps_compiled_with(WITHOUT_YNNPACK if without else {}):
+                model.train_on_batch(x, y)  # compiled now, with this setting
+        else:
+            model.predict_on_batch(x)
+        models.append(model)
+    base.JAX_WITHOUT_YNNPACK = None
+    if args.train:
+        run = lambda model: model.train_on_batch(x, y)  # noqa: E731
+    else:
+        run = models[0].predict_on_batch
+        difference = np.abs(np.asarray(run(x), "float32") - np.asarray(models[1].predict_on_batch(x), "float32")).max()
+        print(f"max |logit difference| {difference:.2g}")
+        run = lambda model: model.predict_on_batch(x)  # noqa: E731
+    for model in models:
+        run(model)
+    times = [[], []]
+    for _ in range(args.rounds):
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            run(model)
+            times[i].append(time.perf_counter() - start)
+    ratios = [b / a for a, b in zip(*times)]
+    step = "train_on_batch" if args.train else "predict_on_batch"
+    print(
+        f"{step}, {args.policy}, batch {args.batch}: default {statistics.median(times[0]) * 1e3:.0f} ms, "
+        f"without YNNPACK {statistics.median(times[1]) * 1e3:.0f} ms; paired median {statistics.median(ratios):.3f} "
+        f"({sum(r < 1 for r in ratios)}/{len(ratios)} rounds faster without)"
+    )
+
+
+if __name__ == "__main__":
+    main()
