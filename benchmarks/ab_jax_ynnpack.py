@@ -13,8 +13,6 @@ hand, not by CI.
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ["KERAS_BACKEND"] = "jax"
 
@@ -24,6 +22,7 @@ import numpy as np  # noqa: E402
 import keras_sequencer as ks  # noqa: E402
 from keras_sequencer import keras_compat  # noqa: E402
 from keras_sequencer.models import base  # noqa: E402
+from machine import paired_rounds, paired_summary  # noqa: E402
 
 WITHOUT_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
@@ -64,19 +63,9 @@ def main():
         run = lambda model: model.predict_on_batch(x)  # noqa: E731
     for model in models:
         run(model)
-    times = [[], []]
-    for _ in range(args.rounds):
-        for i, model in enumerate(models):
-            start = time.perf_counter()
-            run(model)
-            times[i].append(time.perf_counter() - start)
-    ratios = [b / a for a, b in zip(*times)]
+    times = paired_rounds([lambda: run(models[0]), lambda: run(models[1])], args.rounds)
     step = "train_on_batch" if args.train else "predict_on_batch"
-    print(
-        f"{step}, {args.policy}, batch {args.batch}: default {statistics.median(times[0]) * 1e3:.0f} ms, "
-        f"without YNNPACK {statistics.median(times[1]) * 1e3:.0f} ms; paired median {statistics.median(ratios):.3f} "
-        f"({sum(r < 1 for r in ratios)}/{len(ratios)} rounds faster without)"
-    )
+    print(f"{step}, {args.policy}, batch {args.batch}: {paired_summary(times, 'default', 'without YNNPACK')}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ seventh rounds were made this way. Run by hand, from the repository root.
 import argparse
 import linecache
 import os
-import statistics
 import subprocess
 import time
 import types
@@ -31,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
 from keras_sequencer import layers  # noqa: E402
+from machine import paired_rounds, paired_summary  # noqa: E402
 
 
 def committed_layers(base):
@@ -104,19 +104,9 @@ def main():
 
     for call in calls:
         np.asarray(call(x))
-    times = [[], []]
-    for round_ in range(args.rounds):
-        for index in (0, 1) if round_ % 2 == 0 else (1, 0):
-            start = time.perf_counter()
-            np.asarray(calls[index](x))
-            times[index].append(time.perf_counter() - start)
-    ratios = [new / old for old, new in zip(*times)]
+    times = paired_rounds([lambda: np.asarray(calls[0](x)), lambda: np.asarray(calls[1](x))], args.rounds)
     mode = "training step" if args.train else "inference"
-    print(
-        f"{args.policy}, {mode}, batch {args.batch}: {args.base} {1e3 * statistics.median(times[0]):.1f} ms, "
-        f"working tree {1e3 * statistics.median(times[1]):.1f} ms, paired {statistics.median(ratios):.3f} "
-        f"({sum(r < 1 for r in ratios)}/{args.rounds} rounds faster)"
-    )
+    print(f"{args.policy}, {mode}, batch {args.batch}: {paired_summary(times, args.base, 'working tree')}")
 
 
 if __name__ == "__main__":

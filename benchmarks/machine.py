@@ -1,5 +1,6 @@
-"""The CPU a benchmark ran on, for its results: model name, core count and the
-flags that decide bf16 speed (AVX512-BF16, AMX), as every table records them."""
+"""What the benchmarks share: the CPU a benchmark ran on, for its results
+(model name, core count and the flags that decide bf16 speed: AVX512-BF16,
+AMX), as every table records them; paired timing of two calls."""
 
 import os
 
@@ -22,3 +23,29 @@ def cpu_info():
         "cores": os.cpu_count(),
         "bf16_hardware": "avx512_bf16" in flags or "amx_bf16" in flags,
     }
+
+
+def paired_rounds(calls, rounds):
+    """Times of two calls, alternating within each round (the order swapped
+    every other round): ([first's seconds], [second's seconds]), one per round."""
+    import time
+
+    times = [[], []]
+    for round_ in range(rounds):
+        for index in (0, 1) if round_ % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            calls[index]()
+            times[index].append(time.perf_counter() - start)
+    return times
+
+
+def paired_summary(times, first, second):
+    """One line for paired_rounds' times: each call's median and the median of
+    the per-round ratios second / first (below 1: the second is faster)."""
+    import statistics
+
+    ratios = [b / a for a, b in zip(*times)]
+    return (
+        f"{first} {1e3 * statistics.median(times[0]):.1f} ms, {second} {1e3 * statistics.median(times[1]):.1f} ms, "
+        f"paired {statistics.median(ratios):.3f} ({sum(r < 1 for r in ratios)}/{len(ratios)} rounds faster)"
+    )
