@@ -77,7 +77,7 @@ INTERNALS = {
         "Optimizer._clip_gradients",
     ),
     "jax step compiler": (
-        "JAX on AMX CPUs: fit, evaluate and predict compiled without YNNPACK's slower products (models.base)",
+        "JAX on AMX CPUs: evaluate and predict compiled without YNNPACK's slower products (models.base)",
         "keras.src.backend.jax.trainer",
         "jit",
     ),
