@@ -24,8 +24,6 @@ from keras_sequencer import keras_compat  # noqa: E402
 from keras_sequencer.models import base  # noqa: E402
 from machine import paired_rounds, paired_summary  # noqa: E402
 
-WITHOUT_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,7 +33,7 @@ def main():
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--policy", default="float32", choices=("float32", "mixed_bfloat16"))
     args = parser.parse_args()
-    if "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+    if any(name in os.environ.get("XLA_FLAGS", "") for name in base.WITHOUT_YNNPACK):
         parser.error("XLA_FLAGS sets the YNNPACK option for both models")
     keras.config.set_dtype_policy(args.policy)
     x = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
@@ -48,7 +46,7 @@ def main():
             model.set_weights(models[0].get_weights())
         if args.train:
             model.compile(optimizer="adamw", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            with keras_compat.jax_steps_compiled_with(WITHOUT_YNNPACK if without else {}):
+            with keras_compat.jax_steps_compiled_with(base.WITHOUT_YNNPACK if without else {}):
                 model.train_on_batch(x, y)  # compiled now, with this setting
         else:
             model.predict_on_batch(x)
@@ -57,10 +55,8 @@ def main():
     if args.train:
         run = lambda model: model.train_on_batch(x, y)  # noqa: E731
     else:
-        run = models[0].predict_on_batch
-        difference = np.abs(np.asarray(run(x), "float32") - np.asarray(models[1].predict_on_batch(x), "float32")).max()
-        print(f"max |logit difference| {difference:.2g}")
-        run = lambda model: model.predict_on_batch(x)  # noqa: E731
+        run = lambda model: np.asarray(model.predict_on_batch(x), "float32")  # noqa: E731
+        print(f"max |logit difference| {np.abs(run(models[0]) - run(models[1])).max():.2g}")
     for model in models:
         run(model)
     times = paired_rounds([lambda: run(models[0]), lambda: run(models[1])], args.rounds)

@@ -18,7 +18,6 @@ import argparse
 import linecache
 import os
 import subprocess
-import time
 import types
 
 os.environ["KERAS_BACKEND"] = "tensorflow"

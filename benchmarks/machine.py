@@ -3,6 +3,8 @@
 AMX), as every table records them; paired timing of two calls."""
 
 import os
+import statistics
+import time
 
 
 def cpu_info():
@@ -28,8 +30,6 @@ def cpu_info():
 def paired_rounds(calls, rounds):
     """Times of two calls, alternating within each round (the order swapped
     every other round): ([first's seconds], [second's seconds]), one per round."""
-    import time
-
     times = [[], []]
     for round_ in range(rounds):
         for index in (0, 1) if round_ % 2 == 0 else (1, 0):
@@ -42,8 +42,6 @@ def paired_rounds(calls, rounds):
 def paired_summary(times, first, second):
     """One line for paired_rounds' times: each call's median and the median of
     the per-round ratios second / first (below 1: the second is faster)."""
-    import statistics
-
     ratios = [b / a for a, b in zip(*times)]
     return (
         f"{first} {1e3 * statistics.median(times[0]):.1f} ms, {second} {1e3 * statistics.median(times[1]):.1f} ms, "

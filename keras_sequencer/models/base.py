@@ -12,7 +12,8 @@ from keras_sequencer.layers import LAYER_NORM_EPSILON, cpu_has_amx
 
 # None: jax_compiler_options decides by the CPU; tests set it.
 JAX_WITHOUT_YNNPACK = None
-_YNNPACK_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# The XLA options of a compiled step without YNNPACK's fusions.
+WITHOUT_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def jax_compiler_options():
@@ -23,14 +24,15 @@ def jax_compiler_options():
     step faster (so fit keeps the default; BENCHMARKS.md, ninth and tenth
     rounds). On AMX CPUs only: on AMD CPUs it made no reliable difference. The
     option set in XLA_FLAGS wins."""
-    if keras.backend.backend() != "jax" or _YNNPACK_OPTION in os.environ.get("XLA_FLAGS", ""):
+    chosen_by_user = any(name in os.environ.get("XLA_FLAGS", "") for name in WITHOUT_YNNPACK)
+    if keras.backend.backend() != "jax" or chosen_by_user:
         return {}
     import jax
 
     without = JAX_WITHOUT_YNNPACK if JAX_WITHOUT_YNNPACK is not None else cpu_has_amx()
     if not without or jax.default_backend() != "cpu":
         return {}
-    return {_YNNPACK_OPTION: ""}
+    return dict(WITHOUT_YNNPACK)
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
