@@ -1,16 +1,19 @@
 """Whole-model A/B on TensorFlow: the working tree's layers against a commit's.
 
     python benchmarks/ab_tensorflow.py --swap tensorflow_fused_lstm BiLSTM2D.call \
-        [--base HEAD] [--policy mixed_bfloat16] [--batch 16] [--size 224] [--rounds 21] [--train]
+        [--base HEAD] [--policy mixed_bfloat16] [--batch 16] [--size 224] [--rounds 21]
+        [--train [--optimizer package]]
 
 Model A is traced with the functions named in --swap (names in
-keras_sequencer/layers.py, "Class.method" for a method) taken from the --base
-commit's layers.py, model B with the working tree's; name every function whose
-contract changed between the two. Both hold the same random
+keras_sequencer/layers.py, "Class.method" for a method; "training.NAME" for
+keras_sequencer/training.py) taken from the --base commit's files, model B
+with the working tree's; name every function whose contract changed between
+the two. Both hold the same random
 weights and are called alternately, so the machine's drift hits both alike.
 Prints the largest logit difference and "paired": the median over rounds of
 B's time / A's time. With --train each call is a training step instead
-(`train_on_batch`, AdamW, cross-entropy on random labels). The decisions of BENCHMARKS.md's "Issue 13" sixth and
+(`train_on_batch`, cross-entropy on random labels; Keras' AdamW, or with
+`--optimizer package` the recipe's, `training.create_optimizer`). The decisions of BENCHMARKS.md's "Issue 13" sixth and
 seventh rounds were made this way. Run by hand, from the repository root.
 """
 
@@ -28,13 +31,16 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
-from keras_sequencer import layers  # noqa: E402
+from keras_sequencer import layers, training  # noqa: E402
 from machine import paired_rounds, paired_summary  # noqa: E402
 
 
-def committed_layers(base):
-    module = types.ModuleType("committed_layers")
-    filename = f"{base}:keras_sequencer/layers.py"
+MODULES = {"layers": layers, "training": training}
+
+
+def committed_module(base, name):
+    module = types.ModuleType(f"committed_{name}")
+    filename = f"{base}:keras_sequencer/{name}.py"
     source = subprocess.check_output(["git", "show", filename], text=True)
     # Autograph and tracebacks read a function's source through linecache.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -54,6 +60,12 @@ def replace(module, name, value):
     setattr(lookup(module, ".".join(owner)) if owner else module, attribute, value)
 
 
+def module_of(name):
+    """("layers" or "training", the name within that module)."""
+    first, _, rest = name.partition(".")
+    return (first, rest) if first in MODULES and rest else ("layers", name)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swap", nargs="+", required=True)
@@ -63,6 +75,8 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--train", action="store_true", help="time training steps, not inference")
+    parser.add_argument("--optimizer", choices=("keras", "package"), default="keras",
+                        help="with --train: keras.optimizers.AdamW or training.create_optimizer")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -78,14 +92,17 @@ def main():
     models[1].set_weights(models[0].get_weights())
     x = rng.normal(size=(args.batch, args.size, args.size, 3)).astype("float32")
 
-    old = committed_layers(args.base)
-    current = {name: lookup(layers, name) for name in args.swap}
-    for name in args.swap:
-        replace(layers, name, lookup(old, name))
+    swaps = [module_of(name) for name in args.swap]
+    old = {module: committed_module(args.base, module) for module, _ in swaps}
+    current = {(module, name): lookup(MODULES[module], name) for module, name in swaps}
+    for module, name in swaps:
+        replace(MODULES[module], name, lookup(old[module], name))
     if args.train:
         labels = keras.utils.to_categorical(rng.integers(0, 1000, args.batch), 1000)
         for model in models:
-            model.compile(optimizer=keras.optimizers.AdamW(1e-4),
+            optimizer = (training.create_optimizer(model, 1e-4, total_steps=10**6) if args.optimizer == "package"
+                         else keras.optimizers.AdamW(1e-4))
+            model.compile(optimizer=optimizer,
                           loss=keras.losses.CategoricalCrossentropy(from_logits=True))
 
         def step(model):
@@ -95,8 +112,8 @@ def main():
         calls = [tf.function(lambda inputs: models[0](inputs, training=False)),
                  tf.function(lambda inputs: models[1](inputs, training=False))]
     outputs = [np.asarray(calls[0](x), "float32")]  # traced with the committed functions
-    for name, value in current.items():
-        replace(layers, name, value)
+    for (module, name), value in current.items():
+        replace(MODULES[module], name, value)
     outputs.append(np.asarray(calls[1](x), "float32"))
     print(f"max abs {'loss' if args.train else 'logit'} difference {np.abs(outputs[0] - outputs[1]).max():.3g}"
           f" (std {outputs[0].std():.3g})")

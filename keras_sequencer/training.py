@@ -123,6 +123,11 @@ class PyTorchAdamW(keras.optimizers.AdamW):
         return self._var_key(variable) in self._marks.split_keys
 
     def update_step(self, gradient, variable, learning_rate):
+        if _tensorflow_applies_adam(self, gradient, variable):
+            return self._tensorflow_adam_step(gradient, variable, learning_rate)
+        return self._step_in_keras_ops(gradient, variable, learning_rate)
+
+    def _step_in_keras_ops(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
@@ -145,6 +150,33 @@ class PyTorchAdamW(keras.optimizers.AdamW):
         if self._is_split_bias(variable):
             step_size = step_size * 2.0  # bias_ih and bias_hh each take this step
         self.assign_sub(variable, ops.divide(ops.multiply(m, step_size), denominator))
+
+    def _tensorflow_adam_step(self, gradient, variable, learning_rate):
+        # TensorFlow's own Adam kernel: one op per variable where the steps
+        # above are about ten passes over it (BENCHMARKS.md, eleventh round).
+        # Its epsilon is added before the bias correction, as Keras' is;
+        # scaled by sqrt(1 - beta_2^t) it is PyTorch's.
+        import tensorflow as tf
+
+        step = tf.cast(self.iterations + 1, "float32")
+        beta_1, beta_2 = tf.cast(self.beta_1, "float32"), tf.cast(self.beta_2, "float32")
+        beta_1_power, beta_2_power = tf.pow(beta_1, step), tf.pow(beta_2, step)
+        lr = tf.cast(learning_rate, "float32")
+        if self._is_split_bias(variable):
+            lr = lr * 2.0  # bias_ih and bias_hh each take this step
+        index = self._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle,
+            m=self._momentums[index].handle,
+            v=self._velocities[index].handle,
+            beta1_power=beta_1_power,
+            beta2_power=beta_2_power,
+            lr=lr,
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=self.epsilon * tf.sqrt(1.0 - beta_2_power),
+            grad=tf.cast(gradient, "float32"),
+        )
 
     def _apply_weight_decay(self, variables):
         # On torch the decay is folded into the fused step below (one pass over
@@ -225,6 +257,21 @@ class PyTorchAdamW(keras.optimizers.AdamW):
             "no_weight_decay_paths": list(self.no_weight_decay_paths),
             "no_weight_decay_names": list(self.no_weight_decay_names),
         }
+
+
+def _tensorflow_applies_adam(optimizer, gradient, variable):
+    """Whether PyTorchAdamW steps `variable` with TensorFlow's ApplyAdam
+    kernel: TensorFlow, a dense gradient, a float32 variable, no AMSGrad, and
+    no tf.distribute strategy (whose variables Keras' own step updates)."""
+    if keras.backend.backend() != "tensorflow" or optimizer.amsgrad:
+        return False
+    import tensorflow as tf
+
+    return (
+        isinstance(gradient, tf.Tensor)
+        and variable.dtype == "float32"
+        and not tf.distribute.has_strategy()
+    )
 
 
 def _layers_within(root):

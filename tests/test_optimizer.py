@@ -252,17 +252,28 @@ def test_loss_scale_optimizer_wraps_it():
     assert all(np.abs(a - b).max() > 0 for a, b in zip(after, before))
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the fused (torch._foreach) step is torch's")
-def test_torch_fused_step_equals_the_per_variable_step():
+def _step_variable_by_variable(optimizer):
+    """Keras' separate decay and per-variable loop over the step in Keras ops:
+    the reference for the fused steps of torch and TensorFlow."""
+    optimizer._backend_update_step = super(PyTorchAdamW, optimizer)._backend_update_step
+    optimizer._apply_weight_decay = super(PyTorchAdamW, optimizer)._apply_weight_decay
+    optimizer.update_step = optimizer._step_in_keras_ops
+
+
+FUSED_STEPS = pytest.mark.skipif(
+    keras.backend.backend() == "jax", reason="JAX compiles the per-variable step into one program itself"
+)
+
+
+@FUSED_STEPS
+def test_fused_step_equals_the_per_variable_step():
     """On torch PyTorchAdamW steps all variables (decay included) with fused
-    torch._fused_adamw_ calls; Keras' separate decay and per-variable loop over
-    `update_step` are the reference."""
+    torch._fused_adamw_ calls, on TensorFlow each variable with one ApplyAdam
+    kernel; Keras' separate decay and per-variable loop are the reference."""
     (_, fused), (_, looped) = _pair("lstm"), _pair("lstm")
     optimizers = [create_optimizer(m, 1e-2, weight_decay=WEIGHT_DECAY, total_steps=10, warmup_steps=2)
                   for m in (fused, looped)]
-    per_variable = super(PyTorchAdamW, optimizers[1])._backend_update_step
-    optimizers[1]._backend_update_step = per_variable
-    optimizers[1]._apply_weight_decay = super(PyTorchAdamW, optimizers[1])._apply_weight_decay
+    _step_variable_by_variable(optimizers[1])
     rng = np.random.default_rng(3)
     for _ in range(3):
         grads = [rng.standard_normal(tuple(v.shape)).astype("float32") for v in fused.trainable_variables]
@@ -275,18 +286,35 @@ def test_torch_fused_step_equals_the_per_variable_step():
                                    err_msg=a.path)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the fused (torch._fused_adamw_) step is torch's")
-def test_torch_fused_step_under_gradient_accumulation_and_ema():
-    """Keras' gradient accumulation (where `iterations` is a tensor) and EMA
-    around the fused step: the same variables as Keras' own decay and loop."""
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's graph")
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_tensorflow_steps_with_its_adam_kernel_where_it_can(amsgrad):
+    """A traced step holds one ResourceApplyAdam per variable; AMSGrad, which
+    the kernel lacks, keeps the step in Keras ops."""
+    import tensorflow as tf
+
+    model = _tiny_model(5)
+    optimizer = PyTorchAdamW(1e-3, amsgrad=amsgrad)
+    variables = model.trainable_variables
+    optimizer.build(variables)
+    grads = [tf.ones(v.shape) for v in variables]
+    graph = tf.function(lambda: optimizer.apply(grads, variables)).get_concrete_function().graph
+    kernels = [op for op in graph.get_operations() if op.type == "ResourceApplyAdam"]
+    assert len(kernels) == (0 if amsgrad else len(variables))
+
+
+@FUSED_STEPS
+def test_fused_step_under_gradient_accumulation_and_ema():
+    """Keras' gradient accumulation (where `iterations` is a tensor on torch)
+    and EMA around the fused step: the same variables as Keras' own decay and
+    loop."""
 
     def train(fused):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
         optimizer = PyTorchAdamW(1e-2, weight_decay=0.1, gradient_accumulation_steps=2, use_ema=True)
         if not fused:
-            optimizer._backend_update_step = super(PyTorchAdamW, optimizer)._backend_update_step
-            optimizer._apply_weight_decay = super(PyTorchAdamW, optimizer)._apply_weight_decay
+            _step_variable_by_variable(optimizer)
         model.compile(optimizer, "mse")
         rng = np.random.default_rng(0)
         for _ in range(5):
