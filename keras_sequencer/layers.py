@@ -50,6 +50,40 @@ class BiasFusedDense(layers.Dense):
 
 
 @_serializable
+class PatchConv2D(layers.Conv2D):
+    """keras.layers.Conv2D whose windows tile its input (the patch embeddings:
+    strides equal to the kernel size, "valid" padding). On torch it runs as one
+    matrix product over the patches with the kernel as Keras keeps it: Keras'
+    torch convolution copies the kernel into channels-last order on every
+    call. Same variables and config as Conv2D."""
+
+    def call(self, inputs):
+        if not self._patch_product_applies(inputs):
+            return super().call(inputs)
+        import torch
+
+        kernel = ops.convert_to_tensor(self.kernel)  # the property: LoRA included
+        (ph, pw), (height, width) = self.kernel_size, inputs.shape[1:3]
+        batch, rows, cols, channels = inputs.shape[0], height // ph, width // pw, inputs.shape[-1]
+        x = inputs[:, : rows * ph, : cols * pw]  # "valid": a remainder is dropped
+        if (ph, pw) != (1, 1):
+            x = x.reshape(batch, rows, ph, cols, pw, channels).transpose(2, 3)
+        x = x.reshape(-1, ph * pw * channels)
+        kernel = kernel.reshape(-1, self.filters)
+        y = x @ kernel if self.bias is None else torch.addmm(ops.convert_to_tensor(self.bias), x, kernel)
+        return self.activation(y.view(batch, rows, cols, self.filters))
+
+    def _patch_product_applies(self, inputs):
+        if keras.backend.backend() != "torch" or self.data_format != "channels_last" or self.groups != 1:
+            return False
+        if tuple(self.strides) != tuple(self.kernel_size) or self.padding != "valid":
+            return False
+        if tuple(self.dilation_rate) != (1, 1) or self.dtype_policy.quantization_mode is not None:
+            return False
+        return not getattr(inputs, "is_meta", True) and inputs.ndim == 4
+
+
+@_serializable
 class PyTorchRNNBias(keras.initializers.RandomUniform):
     """PyTorch's two RNN biases summed (b_ih + b_hh, each drawn from
     U(minval, maxval)): the distribution of the one bias Keras keeps."""

@@ -116,3 +116,76 @@ def test_jax_and_torch_models_leave_tensorflow_unimported(tmp_path):
     )
     env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def _conv_pair(rng, patch, filters=6, channels=5, **kwargs):
+    """A PatchConv2D and a keras Conv2D with the same kernel and bias."""
+    options = dict(strides=patch, padding="valid", **kwargs)
+    conv, reference = ks.layers.PatchConv2D(filters, patch, **options), keras.layers.Conv2D(filters, patch, **options)
+    for layer in (conv, reference):
+        layer.build((None, None, None, channels))
+    weights = [rng.normal(size=w.shape).astype("float32") for w in conv.get_weights()]
+    conv.set_weights(weights)
+    reference.set_weights(weights)
+    return conv, reference
+
+
+@pytest.mark.parametrize(
+    "patch, size, kwargs",
+    [(7, 30, {}), (2, 8, {}), ((2, 3), (8, 9), {}), (1, 5, {}), (2, 8, dict(use_bias=False, activation="relu"))],
+)
+def test_patch_conv_equals_conv2d_with_its_gradients(patch, size, kwargs, rng):
+    """Outputs and every gradient: 30 px with 7 px patches drops a remainder as
+    "valid" padding does."""
+    height, width = (size, size) if isinstance(size, int) else size
+    conv, reference = _conv_pair(rng, patch, **kwargs)
+    x = rng.normal(size=(2, height, width, 5)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(conv(x)), keras.ops.convert_to_numpy(reference(x)),
+                               atol=1e-5)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        grads = []
+        for layer in (conv, reference):
+            inputs = torch.tensor(x, requires_grad=True)
+            (layer(inputs) ** 2).sum().backward()
+            grads.append([inputs.grad.numpy()] + [w.value.grad.numpy() for w in layer.trainable_weights])
+            for w in layer.trainable_weights:
+                w.value.grad = None
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+        assert conv._patch_product_applies(torch.tensor(x))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the patch product is torch's")
+def test_patch_conv_takes_the_product_only_where_it_equals_a_tiling_conv(rng):
+    import torch
+
+    x = torch.zeros((1, 8, 8, 5))
+    for kwargs in (dict(strides=1), dict(strides=2, padding="same"), dict(strides=1, dilation_rate=2)):
+        conv = ks.layers.PatchConv2D(4, 2, **{**dict(strides=2), **kwargs})
+        conv.build((None, None, None, 5))
+        assert not conv._patch_product_applies(x)
+        assert tuple(conv(x).shape) == tuple(keras.layers.Conv2D(4, 2, **kwargs)(x).shape)
+
+
+def test_patch_conv_under_mixed_precision_and_lora(rng):
+    conv, reference = _conv_pair(rng, 2, dtype="mixed_bfloat16")
+    x = rng.normal(size=(2, 8, 8, 5)).astype("float32")
+    y = conv(x)
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")),
+                               keras.ops.convert_to_numpy(keras.ops.cast(reference(x), "float32")), atol=0.1)
+    conv, reference = _conv_pair(rng, 2)
+    for layer in (conv, reference):
+        layer.enable_lora(2)
+        layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.3, "float32"))
+    conv.lora_kernel_a.assign(keras.ops.convert_to_numpy(reference.lora_kernel_a))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(conv(x)), keras.ops.convert_to_numpy(reference(x)),
+                               atol=1e-5)
+
+
+def test_patch_conv_config_round_trip(rng):
+    conv, _ = _conv_pair(rng, 2)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(conv))
+    assert type(clone) is ks.layers.PatchConv2D and clone.get_config() == conv.get_config()

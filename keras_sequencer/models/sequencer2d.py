@@ -7,7 +7,7 @@ import keras
 
 from keras_sequencer import registry
 from keras_sequencer import weights as weights_lib
-from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock, select_route
+from keras_sequencer.layers import RNN_TYPES, UNIONS, PatchConv2D, Sequencer2DBlock, select_route
 from keras_sequencer.models.base import (
     building,
     drop_path_rates,
@@ -181,7 +181,7 @@ def _stages(x, layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios, rates,
     for stage, depth in enumerate(layers):
         # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
         conv_name = registry.STEM if stage == 0 else registry.downsample_name(stage)
-        x = keras.layers.Conv2D(
+        x = PatchConv2D(
             embed_dims[stage],
             patch_sizes[stage],
             strides=patch_sizes[stage],
