@@ -671,14 +671,104 @@ def _unrolled_torch_lstm(rnn, sequences):
             h = c = sequences.new_zeros((batch, units))
         hs = [None] * steps
         for t in (range(steps - 1, -1, -1) if direction.go_backwards else range(steps)):
-            g = gates[:, t] if h is None else torch.addmm(gates[:, t], h, recurrent)
-            i_f = torch.sigmoid(g[:, : 2 * units])
-            candidate = torch.tanh(g[:, 2 * units : 3 * units]) * i_f[:, :units]
-            c = candidate if c is None else torch.addcmul(candidate, i_f[:, units:], c)
-            h = torch.sigmoid(g[:, 3 * units :]) * torch.tanh(c)
+            h, c = _lstm_cell(gates[:, t] if h is None else torch.addmm(gates[:, t], h, recurrent), c, units)
             hs[t] = h
         outputs.append(torch.stack(hs, 1))
     return torch.cat(outputs, -1) if len(outputs) == 2 else outputs[0]
+
+
+def _lstm_cell(gates, c, units):
+    """One LSTM step from its gate inputs (Keras' order i, f, c, o along the
+    last axis); c None is the zero state."""
+    import torch
+
+    i_f = torch.sigmoid(gates[..., : 2 * units])
+    candidate = torch.tanh(gates[..., 2 * units : 3 * units]) * i_f[..., :units]
+    c = candidate if c is None else torch.addcmul(candidate, i_f[..., units:], c)
+    return torch.sigmoid(gates[..., 3 * units :]) * torch.tanh(c), c
+
+
+def _square_unrolls(layer, x):
+    """Whether a BiLSTM2D runs as _unrolled_torch_bilstm2d: inference on a CPU,
+    bidirectional LSTMs over both axes of a square map short enough to unroll,
+    outputs concatenated."""
+    import torch
+
+    _, height, width, _ = x.shape
+    return (
+        layer.rnn_type == "lstm" and layer.bidirectional and layer.union == "cat"
+        and height == width <= UNROLL_MAX_STEPS and not x.is_cuda and not torch.is_grad_enabled()
+    )
+
+
+def _unrolled_torch_bilstm2d(layer, x):
+    """Both axes and both directions of a BiLSTM2D over a square map of T <=
+    UNROLL_MAX_STEPS rows, as four LSTMs stepped together: one product for
+    every input projection, one batched product per later step, and each
+    step's gate arithmetic once for all four (per-direction ops cost more in
+    dispatch than in arithmetic at this size). -> (B, T, T, 4H), as the
+    vertical then the horizontal Bidirectional output."""
+    import torch
+
+    batch, steps, _, channels = x.shape
+    kernel, bias, recurrent = _square_weights(layer)
+    units = recurrent.shape[1]
+    # (B, T*T positions * 4 LSTMs, 4H): the LSTMs are the vertical forward and
+    # backward, then the horizontal forward and backward.
+    gates = torch.addmm(bias, x.reshape(-1, channels), kernel).view(batch, -1, 4 * units)
+    reads, writes = _square_indices(steps, x.device)
+    # (T steps, 4 LSTMs, B * T sequences, 4H): each LSTM's inputs step by step.
+    gates = gates.index_select(1, reads).view(batch, steps, 4, steps, 4 * units)
+    gates = gates.permute(1, 2, 0, 3, 4).reshape(steps, 4, -1, 4 * units)
+    h = c = None
+    hs = []
+    for step in range(steps):
+        h, c = _lstm_cell(gates[step] if h is None else torch.baddbmm(gates[step], h, recurrent), c, units)
+        hs.append(h)
+    # Back to the map: (B, T rows, T columns, 4 LSTMs * H).
+    outputs = torch.stack(hs).view(steps, 4, batch, steps, units).permute(2, 0, 1, 3, 4)
+    outputs = outputs.reshape(batch, -1, units).index_select(1, writes)
+    return outputs.view(batch, steps, steps, 4 * units)
+
+
+def _square_weights(layer):
+    """The four LSTMs' kernels side by side (C, 16H), their biases (16H) and
+    recurrent kernels stacked (4, H, 4H), copied once per change of a variable."""
+    import torch
+
+    cells = [d.cell for rnn in (layer.rnn_v, layer.rnn_h) for d in directions_of(rnn)]
+    sources = tuple(v.value for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
+    cache = layer._cache_square
+    if not _same_tensors(sources, cache.sources, cache.versions):
+        cache.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            kernels, recurrents, biases = sources[0::3], sources[1::3], sources[2::3]
+            cache.params = (torch.cat(kernels, 1), torch.cat(biases), torch.stack(recurrents))
+        cache.sources, cache.versions = sources, tuple(t._version for t in sources)
+    return cache.params
+
+
+@functools.cache
+def _square_indices_cpu(steps):
+    """Flat indices for _unrolled_torch_bilstm2d: `reads` takes the gate inputs
+    (position, LSTM) in (step, LSTM, sequence) order, `writes` takes the states
+    (step, LSTM, sequence) back in (row, column, LSTM) order."""
+    import torch
+
+    # Vertical sequences are columns (row = step), horizontal ones rows
+    # (column = step); a backward LSTM steps from the far end.
+    step, lstm, sequence = torch.meshgrid(torch.arange(steps), torch.arange(4), torch.arange(steps), indexing="ij")
+    along = torch.where(lstm % 2 == 0, step, steps - 1 - step)
+    row, column = torch.where(lstm < 2, along, sequence), torch.where(lstm < 2, sequence, along)
+    reads = ((row * steps + column) * 4 + lstm).flatten()
+    writes = torch.empty_like(reads)
+    writes[reads] = torch.arange(reads.numel())
+    return reads, writes
+
+
+def _square_indices(steps, device):
+    reads, writes = _square_indices_cpu(steps)
+    return (reads, writes) if device.type == "cpu" else (reads.to(device), writes.to(device))
 
 
 def _torch_rnn(rnn, rnn_type, sequences, weights):
@@ -781,6 +871,19 @@ def _torch_bilstm2d(layer, x, bfloat16=None, residual=None):
     """BiLSTM2D.call with torch ops only, on the layer's own variables, or on
     their bfloat16 copies (a _Bfloat16Weights) for a mixed_bfloat16 block;
     plus `residual` if given (the block's skip connection, fused into fc)."""
+    if bfloat16 is None and _square_unrolls(layer, x):
+        x = _unrolled_torch_bilstm2d(layer, x)
+    else:
+        x = _torch_axes(layer, x, bfloat16)
+    if layer.fc is not None:
+        fc = (layer.fc.kernel.value, layer.fc.bias.value) if bfloat16 is None else bfloat16.fc
+        return _linear(x, *fc, residual=residual)
+    return x if residual is None else residual + x
+
+
+def _torch_axes(layer, x, bfloat16=None):
+    """The vertical and horizontal RNNs of a BiLSTM2D with torch ops, joined by
+    its union."""
     import torch
 
     batch, height, width, channels = x.shape
@@ -800,13 +903,8 @@ def _torch_bilstm2d(layer, x, bfloat16=None, residual=None):
             h = _torch_rnn(layer.rnn_h, layer.rnn_type, h, bfloat16.rnn_h)
         outputs.append(h.reshape(batch, height, width, layer.output_size))
     if len(outputs) == 2:
-        x = torch.cat(outputs, dim=-1) if layer.union == "cat" else outputs[0] + outputs[1]
-    else:
-        x = outputs[0]
-    if layer.fc is not None:
-        fc = (layer.fc.kernel.value, layer.fc.bias.value) if bfloat16 is None else bfloat16.fc
-        return _linear(x, *fc, residual=residual)
-    return x if residual is None else residual + x
+        return torch.cat(outputs, dim=-1) if layer.union == "cat" else outputs[0] + outputs[1]
+    return outputs[0]
 
 
 def _dense(x, dense, gelu=False, residual=None):
@@ -1120,7 +1218,7 @@ class BiLSTM2D(layers.Layer):
         self.rnn_v = self._make_rnn("rnn_v") if self.with_vertical else None
         self.rnn_h = self._make_rnn("rnn_h") if self.with_horizontal else None
         self.fc = None
-        self._cache_v, self._cache_h = _WeightCache(), _WeightCache()
+        self._cache_v, self._cache_h, self._cache_square = _WeightCache(), _WeightCache(), _WeightCache()
 
     @property
     def route(self):

@@ -175,6 +175,32 @@ def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng, fused
         assert diff <= TOLERANCE, (name, diff)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's square unrolled form")
+@pytest.mark.parametrize("side", [1, 2])
+def test_torch_square_maps_step_all_four_lstms_together(side, rng):
+    """Inference on a square map of up to layers.UNROLL_MAX_STEPS rows runs the
+    four LSTMs of a BiLSTM2D together (layers._unrolled_torch_bilstm2d): the
+    Keras route's outputs, and again after the weights change (the stacked
+    copies are rebuilt)."""
+    import torch
+    from keras_sequencer import layers as layers_module
+
+    layer = ks.BiLSTM2D(6)
+    x = torch.tensor(rng.normal(size=(3, side, side, 10)).astype("float32"))
+    layer.build(tuple(x.shape))
+    for attempt in range(2):
+        for variable in layer.trainable_variables:
+            variable.assign(rng.normal(scale=0.4, size=variable.shape).astype("float32"))
+        results = {}
+        for route in ("fused", "keras"):
+            layer.route = route
+            with torch.inference_mode():
+                results[route] = layer(x).numpy()
+        with torch.inference_mode():
+            assert layers_module._square_unrolls(layer, x)
+        assert np.abs(results["fused"] - results["keras"]).max() <= TOLERANCE
+
+
 def test_fused_route_trains_a_model(rng, fused_form):
     model = ks.Sequencer2D(
         layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
