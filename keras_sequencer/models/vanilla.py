@@ -13,6 +13,7 @@ from keras_sequencer.layers import (
     LAYER_NORM_EPSILON,
     BiasFusedDense,
     DropPath,
+    PatchConv2D,
     cudnn_disabled,
     directions_of,
     gelu_exact,
@@ -295,7 +296,7 @@ def _validate_architecture(layers, patch_sizes, embed_dims, hidden_sizes, mlp_ra
 
 def _patch_embedding(x, dim, patch, name):
     # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
-    return keras.layers.Conv2D(
+    return PatchConv2D(
         dim, patch, strides=patch, padding="valid", kernel_initializer="lecun_normal", name=name
     )(x)
 
