@@ -480,18 +480,25 @@ def _xla_layer_norm(epsilon):
     import tensorflow as tf
 
     def layer_norm(x, gamma, beta):
-        y = tf.cast(x, "float32")
-        channels = y.shape[-1]
-        # The channel means as products with a (C, 1) vector of 1/C: XLA's
-        # CPU reductions over the last axis ran slower (BENCHMARKS.md, ninth round).
-        average = tf.fill((channels, 1), 1.0 / channels)
-        rows, stats_shape = (-1, channels), tf.concat([tf.shape(y)[:-1], [1]], 0)
-        mean = tf.reshape(tf.matmul(tf.reshape(y, rows), average), stats_shape)
-        centered = y - mean
-        variance = tf.reshape(tf.matmul(tf.reshape(tf.square(centered), rows), average), stats_shape)
-        return tf.cast(centered * (tf.math.rsqrt(variance + epsilon) * gamma) + beta, x.dtype)
+        return tf.cast(_float32_layer_norm(x, gamma, beta, epsilon), x.dtype)
 
     return tf.function(layer_norm, jit_compile=True)
+
+
+def _float32_layer_norm(x, gamma, beta, epsilon):
+    """LayerNorm over the last axis in float32, as TensorFlow ops for XLA."""
+    import tensorflow as tf
+
+    y = tf.cast(x, "float32")
+    channels = y.shape[-1]
+    # The channel means as products with a (C, 1) vector of 1/C: XLA's
+    # CPU reductions over the last axis ran slower (BENCHMARKS.md, ninth round).
+    average = tf.fill((channels, 1), 1.0 / channels)
+    rows, stats_shape = (-1, channels), tf.concat([tf.shape(y)[:-1], [1]], 0)
+    mean = tf.reshape(tf.matmul(tf.reshape(y, rows), average), stats_shape)
+    centered = y - mean
+    variance = tf.reshape(tf.matmul(tf.reshape(tf.square(centered), rows), average), stats_shape)
+    return centered * (tf.math.rsqrt(variance + epsilon) * gamma) + beta
 
 
 def _tensorflow_block_lstm(rnn, sequences):
@@ -1077,6 +1084,70 @@ def tensorflow_fused_mlp(fc1, fc2, x):
     return tf.reshape(y, tf.concat([shape[:-1], [fc2.units]], 0))
 
 
+def tensorflow_fused_block_applies(block, training=None):
+    """Whether a block runs as tensorflow_fused_block: traced inference on
+    TensorFlow's fused route with plain bfloat16 products (AMX CPUs), its
+    mixer's fc and MLP float32 or mixed_bfloat16 Dense layers without LoRA."""
+    fc = block.rnn_tokens.fc
+    return (
+        tensorflow_xla_norm_applies(block, training)
+        and tensorflow_fused_mlp_applies(block)
+        and fc is not None
+        and fc.dtype_policy.name == block.fc1.dtype_policy.name
+        and not fc.lora_enabled
+        and tensorflow_plain_bfloat16_products(block.compute_dtype)
+    )
+
+
+def tensorflow_fused_block(block, x):
+    """Sequencer2DBlock.call in traced inference with plain bfloat16 products:
+    each bias joins its residual (and the second LayerNorm) in one XLA call, as
+    oneDNN's post-ops do for torch, where the per-layer form makes separate
+    passes over the map for the mixer's fc bias, both residual sums and fc2's
+    bias. The same roundings to the compute dtype as the per-layer form."""
+    import tensorflow as tf
+
+    tokens, fc, fc1, fc2, norm2 = block.rnn_tokens, block.rnn_tokens.fc, block.fc1, block.fc2, block.norm2
+    dtype, shape, channels = x.dtype, tf.shape(x), x.shape[-1]
+    y = tokens.joined(tokens._axes(tensorflow_layer_norm(block.norm1, x), False))
+    y = tf.matmul(tf.reshape(y, (-1, y.shape[-1])), ops.cast(fc.kernel, dtype))
+    norm_weights = (keras_compat.stored_value(norm2.gamma), keras_compat.stored_value(norm2.beta))
+    x, y = _xla_bias_residual_norm(float(norm2.epsilon))(
+        y, ops.cast(fc.bias, dtype), tf.reshape(x, (-1, channels)), *norm_weights
+    )
+    y = _xla_bias_gelu()(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
+    y = _xla_bias_residual()(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype), x)
+    return tf.reshape(y, shape)
+
+
+def _bias_residual(y, bias, residual):
+    """residual + (y + bias), each sum rounded to the compute dtype as Keras'
+    Dense and residual add round them."""
+    import tensorflow as tf
+
+    y = tf.cast(tf.cast(y, "float32") + tf.cast(bias, "float32"), y.dtype)
+    return tf.cast(tf.cast(residual, "float32") + tf.cast(y, "float32"), residual.dtype)
+
+
+@functools.cache
+def _xla_bias_residual_norm(epsilon):
+    """(x, LayerNorm(x)) for x = residual + (y + bias), as one XLA call."""
+    import tensorflow as tf
+
+    def bias_residual_norm(y, bias, residual, gamma, beta):
+        x = _bias_residual(y, bias, residual)
+        return x, tf.cast(_float32_layer_norm(x, gamma, beta, epsilon), x.dtype)
+
+    return tf.function(bias_residual_norm, jit_compile=True)
+
+
+@functools.cache
+def _xla_bias_residual():
+    import tensorflow as tf
+
+    return tf.function(_bias_residual, jit_compile=True)
+
+
 def _erf_gelu(y):
     """The exact GELU in the form TensorFlow's remapper matches."""
     import tensorflow as tf
@@ -1285,17 +1356,16 @@ class BiLSTM2D(layers.Layer):
         if self.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, inputs=x):
                 return _torch_bilstm2d(self, x)
-        outputs = self._axes(x, training)
-        if len(outputs) == 2:
-            if self.union == "cat":
-                x = ops.concatenate(outputs, axis=-1)
-            else:
-                x = outputs[0] + outputs[1]
-        else:
-            x = outputs[0]
+        x = self.joined(self._axes(x, training))
         if self.fc is not None:
             x = self.fc(x)
         return x
+
+    def joined(self, outputs):
+        """The axes' outputs joined by the layer's union."""
+        if len(outputs) == 1:
+            return outputs[0]
+        return ops.concatenate(outputs, axis=-1) if self.union == "cat" else outputs[0] + outputs[1]
 
     def _axes(self, x, training):
         """The vertical then the horizontal RNN's outputs, each (B, H, W, D*H)."""
@@ -1437,6 +1507,8 @@ class Sequencer2DBlock(layers.Layer):
         if self.rnn_tokens.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, training, inputs=x):
                 return _torch_block(self, x)
+        if tensorflow_fused_block_applies(self, training):
+            return tensorflow_fused_block(self, x)
         # Identity layers are not called: each Keras layer call has a per-call
         # cost on torch (BENCHMARKS.md, host time).
         drop_path = self.drop_path if training and self.drop_path_rate > 0 else _identity

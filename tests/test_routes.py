@@ -299,6 +299,36 @@ def test_tensorflow_plain_bfloat16_products_leave_no_bias_on_a_matmul(plain, rng
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float32"])
+def test_tensorflow_plain_bfloat16_block_joins_biases_and_residuals(policy, rng, monkeypatch):
+    """With plain bfloat16 products a block in traced inference adds the
+    mixer's fc bias, the residual and the second LayerNorm in one XLA call,
+    and fc2's bias with the residual in another, rounding as the per-layer
+    form does (equal outputs). float32 keeps oneDNN's bias fusions."""
+    import tensorflow as tf
+
+    from keras_sequencer import layers as layers_module
+
+    monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", True)
+    block = ks.Sequencer2DBlock(6, mlp_ratio=2.0, rnn_route="fused", dtype=policy)
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+    block.build(x.shape)
+    for variable in block.trainable_variables:
+        variable.assign(rng.normal(scale=0.4, size=variable.shape).astype("float32"))
+    compiled = _xla_compiled_functions(_traced_operations(lambda a: block(a, training=False), x))
+    joined = [name for name in compiled if "bias_residual" in name]
+    outputs = tf.function(lambda a: block(a, training=False))(x)
+    monkeypatch.setattr(layers_module, "tensorflow_fused_block_applies", lambda *args: False)
+    expected = tf.function(lambda a: block(a, training=False))(x)
+    if policy == "float32":
+        assert joined == []
+        return
+    assert len(joined) == 2 and sum("bias_residual_norm" in name for name in joined) == 1, compiled
+    assert outputs.dtype == expected.dtype == tf.bfloat16
+    np.testing.assert_array_equal(tf.cast(outputs, "float32").numpy(), tf.cast(expected, "float32").numpy())
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
 def test_tensorflow_plain_bfloat16_products_follow_the_cpu(tmp_path, monkeypatch):
     """Plain bfloat16 products where oneDNN has AMX (the CPU's flag, unless
     ONEDNN_MAX_CPU_ISA caps it below AMX), for bfloat16 only; the module
