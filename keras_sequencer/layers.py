@@ -607,6 +607,18 @@ class _WeightCache:
     def clear(self):
         self.sources, self.versions, self.params = (), (), None
 
+    def get(self, sources, build):
+        """`build()`'s copies of the tensors `sources`, made again whenever
+        one of them is another tensor or was changed in place."""
+        import torch
+
+        if not _same_tensors(sources, self.sources, self.versions):
+            self.clear()
+            with torch.inference_mode(False), torch.no_grad():
+                self.params = build()
+            self.sources, self.versions = sources, tuple(t._version for t in sources)
+        return self.params
+
 
 def _direction_params(cell, rnn_type, contiguous=False, read=lambda variable: variable.value):
     """One direction's float32 variables as PyTorch's (w_ih, w_hh, b_ih, b_hh),
@@ -635,12 +647,7 @@ def _torch_rnn_weights(rnn, rnn_type, cache):
     sources = tuple(v.value for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
     if sources[0].is_meta:
         return [w for cell in cells for w in _direction_params(cell, rnn_type)]
-    if not _same_tensors(sources, cache.sources, cache.versions):
-        cache.clear()
-        with torch.inference_mode(False), torch.no_grad():
-            cache.params = [w for cell in cells for w in _direction_params(cell, rnn_type, contiguous=True)]
-        cache.sources, cache.versions = sources, tuple(t._version for t in sources)
-    return cache.params
+    return cache.get(sources, lambda: [w for cell in cells for w in _direction_params(cell, rnn_type, contiguous=True)])
 
 
 def _same_tensors(sources, held, versions):
@@ -745,14 +752,10 @@ def _square_weights(layer):
 
     cells = [d.cell for rnn in (layer.rnn_v, layer.rnn_h) for d in directions_of(rnn)]
     sources = tuple(v.value for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
-    cache = layer._cache_square
-    if not _same_tensors(sources, cache.sources, cache.versions):
-        cache.clear()
-        with torch.inference_mode(False), torch.no_grad():
-            kernels, recurrents, biases = sources[0::3], sources[1::3], sources[2::3]
-            cache.params = (torch.cat(kernels, 1), torch.cat(biases), torch.stack(recurrents))
-        cache.sources, cache.versions = sources, tuple(t._version for t in sources)
-    return cache.params
+    kernels, recurrents, biases = sources[0::3], sources[1::3], sources[2::3]
+    return layer._cache_square.get(
+        sources, lambda: (torch.cat(kernels, 1), torch.cat(biases), torch.stack(recurrents))
+    )
 
 
 @functools.cache
@@ -1063,13 +1066,14 @@ def tensorflow_fused_mlp_applies(block):
     return all(d.dtype_policy.name in ("float32", "mixed_bfloat16") and not d.lora_enabled for d in dense)
 
 
-def tensorflow_fused_mlp(fc1, fc2, x):
+def tensorflow_fused_mlp(fc1, fc2, x, residual=None):
     """fc2(gelu_exact(fc1(x))) as MatMul, BiasAdd and the erf form of GELU
     that TensorFlow's graph remapper fuses into one oneDNN MatMul with a GELU
     post-op. Keras' Dense multiplies a 4D input as a batched product and adds
     the bias after it, which the remapper cannot fuse (BENCHMARKS.md). Where
     tensorflow_plain_bfloat16_products says so, plain MatMuls with the biases
-    and GELU in XLA."""
+    and GELU in XLA. Plus `residual` (of the output's shape) if given, in one
+    XLA call with fc2's bias."""
     import tensorflow as tf
 
     dtype = x.dtype
@@ -1080,7 +1084,8 @@ def tensorflow_fused_mlp(fc1, fc2, x):
         bias_gelu, bias_add = lambda y, bias: _erf_gelu(tf.nn.bias_add(y, bias)), tf.nn.bias_add
     y = tf.reshape(x, (-1, x.shape[-1]))
     y = bias_gelu(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
-    y = bias_add(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype))
+    y, bias = tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype)
+    y = bias_add(y, bias) if residual is None else _xla_bias_residual()(y, bias, tf.reshape(residual, tf.shape(y)))
     return tf.reshape(y, tf.concat([shape[:-1], [fc2.units]], 0))
 
 
@@ -1107,7 +1112,7 @@ def tensorflow_fused_block(block, x):
     bias. The same roundings to the compute dtype as the per-layer form."""
     import tensorflow as tf
 
-    tokens, fc, fc1, fc2, norm2 = block.rnn_tokens, block.rnn_tokens.fc, block.fc1, block.fc2, block.norm2
+    tokens, fc, norm2 = block.rnn_tokens, block.rnn_tokens.fc, block.norm2
     dtype, shape, channels = x.dtype, tf.shape(x), x.shape[-1]
     y = tokens.joined(tokens._axes(tensorflow_layer_norm(block.norm1, x), False))
     y = tf.matmul(tf.reshape(y, (-1, y.shape[-1])), ops.cast(fc.kernel, dtype))
@@ -1115,9 +1120,7 @@ def tensorflow_fused_block(block, x):
     x, y = _xla_bias_residual_norm(float(norm2.epsilon))(
         y, ops.cast(fc.bias, dtype), tf.reshape(x, (-1, channels)), *norm_weights
     )
-    y = _xla_bias_gelu()(tf.matmul(y, ops.cast(fc1.kernel, dtype)), ops.cast(fc1.bias, dtype))
-    y = _xla_bias_residual()(tf.matmul(y, ops.cast(fc2.kernel, dtype)), ops.cast(fc2.bias, dtype), x)
-    return tf.reshape(y, shape)
+    return tf.reshape(tensorflow_fused_mlp(block.fc1, block.fc2, y, residual=x), shape)
 
 
 def _bias_residual(y, bias, residual):
