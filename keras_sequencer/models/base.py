@@ -8,7 +8,7 @@ import keras
 
 from keras_sequencer import keras_compat, registry
 from keras_sequencer.imagenet import DEFAULT_CROP_PCT, normalization_layer
-from keras_sequencer.layers import LAYER_NORM_EPSILON, cpu_has_amx
+from keras_sequencer.layers import LAYER_NORM_EPSILON, PatchConv2D, cpu_has_amx
 
 # None: jax_compiler_options decides by the CPU; tests set it.
 JAX_WITHOUT_YNNPACK = None
@@ -153,6 +153,15 @@ def minimum_model_input_size(model):
         if isinstance(layer, keras.layers.Conv2D):
             size *= max(layer.strides)
     return size
+
+
+def patch_embedding(x, dim, patch, name):
+    """A stage's patch embedding: a convolution whose windows tile the map.
+    Stride = kernel and "valid" padding drop a remainder like PyTorch's conv;
+    lecun_normal is timm's init for these convs."""
+    return PatchConv2D(
+        dim, patch, strides=patch, padding="valid", kernel_initializer="lecun_normal", name=name
+    )(x)
 
 
 def drop_path_rates(layers_per_stage, drop_path_rate):

@@ -7,13 +7,14 @@ import keras
 
 from keras_sequencer import registry
 from keras_sequencer import weights as weights_lib
-from keras_sequencer.layers import RNN_TYPES, UNIONS, PatchConv2D, Sequencer2DBlock, select_route
+from keras_sequencer.layers import RNN_TYPES, UNIONS, Sequencer2DBlock, select_route
 from keras_sequencer.models.base import (
     building,
     drop_path_rates,
     functional_model,
     image_input,
     minimum_input_size,
+    patch_embedding,
     resolve_input_shape,
     top,
     validate_head_arguments,
@@ -179,16 +180,8 @@ def _stages(x, layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios, rates,
     stage_outputs, feature_info = [], []
     block_index, reduction = 0, 1
     for stage, depth in enumerate(layers):
-        # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
         conv_name = registry.STEM if stage == 0 else registry.downsample_name(stage)
-        x = PatchConv2D(
-            embed_dims[stage],
-            patch_sizes[stage],
-            strides=patch_sizes[stage],
-            padding="valid",
-            kernel_initializer="lecun_normal",  # timm's init for these convs
-            name=conv_name,
-        )(x)
+        x = patch_embedding(x, embed_dims[stage], patch_sizes[stage], conv_name)
         for block in range(depth):
             x = Sequencer2DBlock(
                 hidden_sizes[stage],

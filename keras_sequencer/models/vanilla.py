@@ -13,7 +13,6 @@ from keras_sequencer.layers import (
     LAYER_NORM_EPSILON,
     BiasFusedDense,
     DropPath,
-    PatchConv2D,
     cudnn_disabled,
     directions_of,
     gelu_exact,
@@ -29,6 +28,7 @@ from keras_sequencer.models.base import (
     functional_model,
     image_input,
     minimum_input_size,
+    patch_embedding,
     resolve_input_shape,
     top,
     validate_head_arguments,
@@ -264,7 +264,7 @@ def VanillaSequencer(
 
     with building(fill):
         x, inputs = image_input(input_shape, input_tensor, include_preprocessing)
-        x = _patch_embedding(x, embed_dims[0], patch_sizes[0], registry.STEM)
+        x = patch_embedding(x, embed_dims[0], patch_sizes[0], registry.STEM)
         if ape:
             grid = default_size // patch_sizes[0]
             x = AbsolutePositionEmbedding((grid, grid), name=registry.POSITION_EMBEDDING)(x)
@@ -294,18 +294,11 @@ def _validate_architecture(layers, patch_sizes, embed_dims, hidden_sizes, mlp_ra
         raise ValueError(f"`ape` must be True or False. Received: ape={ape!r}")
 
 
-def _patch_embedding(x, dim, patch, name):
-    # Stride = kernel and "valid" padding drop a remainder like PyTorch's conv.
-    return PatchConv2D(
-        dim, patch, strides=patch, padding="valid", kernel_initializer="lecun_normal", name=name
-    )(x)
-
-
 def _stages(x, layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios, block_options, rates):
     block_index = 0
     for stage, depth in enumerate(layers):
         if stage > 0:  # the reference's Downsample2D, a 1x1 conv where the patch is 1
-            x = _patch_embedding(x, embed_dims[stage], patch_sizes[stage], registry.downsample_name(stage))
+            x = patch_embedding(x, embed_dims[stage], patch_sizes[stage], registry.downsample_name(stage))
         for block in range(depth):
             x = VanillaSequencerBlock(
                 hidden_sizes[stage],
