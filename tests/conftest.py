@@ -33,12 +33,12 @@ def run_model(model, x):
     return keras.ops.convert_to_numpy(model(x, training=False))
 
 
-# Tests that start fresh interpreters and check backend-independent behaviour
-# (file handling, command-line wiring) run once, under TensorFlow: that is also
-# the backend where the torch-before-TensorFlow import order matters.
+# Slow tests of backend-independent behaviour (fresh interpreters, file handling,
+# command-line wiring, downloads) run once, under TensorFlow: that is also the
+# backend where the torch-before-TensorFlow import order matters.
 run_once = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
-    reason="backend-independent subprocess test; runs under TensorFlow",
+    reason="backend-independent test; runs under TensorFlow",
 )
 
 

@@ -135,6 +135,7 @@ def test_not_found(hub):
     assert _cache_files() == []
 
 
+@run_once  # huggingface_hub's retries take 20 s; the download is the same on every backend
 def test_connection_refused_says_what_to_do(hub, monkeypatch):
     """An unreachable endpoint: huggingface_hub's retries, then one line."""
     with socket.socket() as s:
