@@ -9,13 +9,23 @@ bf16 to timm's best (fp32 or bf16), and Keras bf16's agreement with Keras fp32
 on --agreement-images inputs (max abs logit difference, top-1 agreement).
 Records the CPU and its bf16/AMX flags; writes benchmarks/results/bf16_cpu_<backend>.json.
 
+With --train each call is one training step instead (what `finetune
+--mixed-precision` trains with on a CPU), each engine in a worker process of
+its own: timm `loss.backward(); optimizer.step()` with AdamW and gradient
+clipping, its forward under autocast for bf16; Keras `train_on_batch` with the
+recipe's optimizer (`training.create_optimizer`), cross-entropy on the logits.
+Reports steps' images/s, Keras bf16 against timm's best and against Keras fp32;
+writes bf16_cpu_train_<backend>.json.
+
     KERAS_BACKEND=tensorflow python benchmarks/bf16_cpu.py
+    KERAS_BACKEND=tensorflow python benchmarks/bf16_cpu.py --train --batch 8 --rounds 3
 """
 
 import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -25,6 +35,7 @@ import torch
 import keras  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
+import throughput  # noqa: E402
 from machine import cpu_info  # noqa: E402
 
 
@@ -37,6 +48,92 @@ def keras_model(state_dict, policy, size):
     finally:
         keras.config.set_dtype_policy("float32")
     return model
+
+
+TRAIN_ENGINES = ("timm fp32", "timm bf16", "keras fp32", "keras bf16")
+
+
+def reference_state():
+    """timm's sequencer2d_s with seed-0 weights and a non-zero head."""
+    torch.manual_seed(0)
+    net = timm.create_model("sequencer2d_s").eval()
+    with torch.no_grad():
+        net.head.fc.weight.normal_(0, 0.02)  # timm zeroes the head: logits would all agree trivially
+    return net.state_dict()
+
+
+def train_step(engine, state, batch, size):
+    """One training step of `engine` (one of TRAIN_ENGINES) as a function."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, size, size, 3)).astype("float32")
+    labels = rng.integers(0, 1000, batch)
+    if engine.startswith("keras"):
+        from keras_sequencer.training import create_optimizer
+
+        model = keras_model(state, "mixed_bfloat16" if engine.endswith("bf16") else "float32", size)
+        model.compile(optimizer=create_optimizer(model, 1e-4, weight_decay=0.05, global_clipnorm=1.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return lambda: model.train_on_batch(x, labels)
+    net = timm.create_model("sequencer2d_s").train()
+    net.load_state_dict(state)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
+    x, labels = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=engine.endswith("bf16")):
+            loss = torch.nn.functional.cross_entropy(net(x), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def train_worker(args):
+    """Answers 'run' lines with the seconds of one training step."""
+    step = train_step(args.train_worker, reference_state(), args.batch, args.size)
+    step()
+    step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        start = time.perf_counter()
+        step()
+        print(json.dumps({"step_s": time.perf_counter() - start}), flush=True)
+
+
+def train(args):
+    """--train: the four engines in worker processes of their own (one process
+    holding four training models slowed JAX's steps by a third), one step each
+    in turn per round."""
+    workers = {}
+    for engine in TRAIN_ENGINES:  # started one at a time so their warm-ups do not overlap
+        command = [__file__, "--train-worker", engine, "--batch", str(args.batch), "--size", str(args.size)]
+        workers[engine] = throughput.start_worker(command, engine)
+    seconds = {name: statistics.median(s) for name, s in throughput.alternate_rounds(workers, args.rounds, "step_s").items()}
+    speed = {name: args.batch / s for name, s in seconds.items()}
+    return {
+        "images_per_s": {k: round(v, 3) for k, v in speed.items()},
+        "keras_bf16_vs_timm_best": round(speed["keras bf16"] / max(speed["timm fp32"], speed["timm bf16"]), 3),
+        "keras_bf16_vs_keras_fp32": round(speed["keras bf16"] / speed["keras fp32"], 3),
+        "keras_fp32_vs_timm_fp32": round(speed["keras fp32"] / speed["timm fp32"], 3),
+        "timm_bf16_vs_timm_fp32": round(speed["timm bf16"] / speed["timm fp32"], 3),
+    }
+
+
+def time_rounds(engines, rounds):
+    """Medians of `rounds` alternating calls of each engine, after a warm-up."""
+    for run in engines.values():  # warm-up (compilation, oneDNN primitives)
+        run()
+    times = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, run in engines.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def keras_call(model):
@@ -57,12 +154,21 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--agreement-images", type=int, default=64)
+    parser.add_argument("--train", action="store_true", help="time training steps, not inference")
+    parser.add_argument("--train-worker", choices=TRAIN_ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    net = timm.create_model("sequencer2d_s").eval()
-    with torch.no_grad():
-        net.head.fc.weight.normal_(0, 0.02)  # timm zeroes the head: logits would all agree trivially
-    state = net.state_dict()
+    if args.train_worker:
+        return train_worker(args)
+    common = {
+        "backend": keras.backend.backend(),
+        "cpu": cpu_info(),
+        "versions": {"keras": keras.__version__, "torch": torch.__version__, "timm": timm.__version__},
+        "batch": args.batch, "size": args.size, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+    }
+    if args.train:
+        write({**common, "train_step": True, **train(args)}, f"bf16_cpu_train_{common['backend']}.json")
+        return
+    state = reference_state()
     fp32, bf16 = keras_model(state, "float32", args.size), keras_model(state, "mixed_bfloat16", args.size)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
@@ -78,15 +184,7 @@ def main():
 
     engines = {"timm fp32": timm_fp32, "timm bf16": timm_bf16,
                "keras fp32": lambda: keras_call(fp32)(x), "keras bf16": lambda: keras_call(bf16)(x)}
-    for run in engines.values():  # warm-up (compilation, oneDNN primitives)
-        run()
-    times = {name: [] for name in engines}
-    for _ in range(args.rounds):
-        for name, run in engines.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
+    speed = {name: args.batch / seconds for name, seconds in time_rounds(engines, args.rounds).items()}
     timm_best = max(speed["timm fp32"], speed["timm bf16"])
 
     exact, low = [], []
@@ -96,10 +194,7 @@ def main():
         low.append(keras_call(bf16)(batch))
     exact, low = np.concatenate(exact), np.concatenate(low)
     result = {
-        "backend": keras.backend.backend(),
-        "cpu": cpu_info(),
-        "versions": {"keras": keras.__version__, "torch": torch.__version__, "timm": timm.__version__},
-        "batch": args.batch, "size": args.size, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+        **common,
         "images_per_s": {k: round(v, 3) for k, v in speed.items()},
         "keras_bf16_vs_timm_best": round(speed["keras bf16"] / timm_best, 3),
         "keras_fp32_vs_timm_fp32": round(speed["keras fp32"] / speed["timm fp32"], 3),
@@ -107,8 +202,12 @@ def main():
                       "logit_std": float(exact.std()),
                       "top1_agreement": float((low.argmax(-1) == exact.argmax(-1)).mean())},
     }
+    write(result, f"bf16_cpu_{result['backend']}.json")
+
+
+def write(result, name):
     print(json.dumps(result, indent=2))
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bf16_cpu_{result['backend']}.json")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
