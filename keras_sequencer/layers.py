@@ -378,7 +378,10 @@ def _in_time_order(outputs, projected, backward):
     import tensorflow as tf
 
     shape = tf.shape(projected)
-    outputs = tf.stack([tf.reshape(h, (len(backward), shape[0], shape[2], -1)) for h in outputs], axis=2)
+    # The state's size as a constant: with an unknown batch (evaluate, fit's
+    # validation) a -1 would leave the output's last axis unknown.
+    units = outputs[0].shape[-1]
+    outputs = tf.stack([tf.reshape(h, (len(backward), shape[0], shape[2], units)) for h in outputs], axis=2)
     outputs = [tf.reverse(outputs[d], [1]) if back else outputs[d] for d, back in enumerate(backward)]
     return tf.cast(tf.concat(outputs, -1), projected.dtype)
 

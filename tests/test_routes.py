@@ -317,9 +317,11 @@ def test_tensorflow_plain_bfloat16_block_joins_biases_and_residuals(policy, rng,
         variable.assign(rng.normal(scale=0.4, size=variable.shape).astype("float32"))
     compiled = _xla_compiled_functions(_traced_operations(lambda a: block(a, training=False), x))
     joined = [name for name in compiled if "bias_residual" in name]
-    outputs = tf.function(lambda a: block(a, training=False))(x)
+    # Traced for any batch size, as evaluate and fit's validation trace it.
+    any_batch = [tf.TensorSpec((None, *x.shape[1:]), "float32")]
+    outputs = tf.function(lambda a: block(a, training=False), input_signature=any_batch)(x)
     monkeypatch.setattr(layers_module, "tensorflow_fused_block_applies", lambda *args: False)
-    expected = tf.function(lambda a: block(a, training=False))(x)
+    expected = tf.function(lambda a: block(a, training=False), input_signature=any_batch)(x)
     if policy == "float32":
         assert joined == []
         return
