@@ -212,6 +212,24 @@ def cpu_has_amx():
         return False
 
 
+@functools.cache
+def cpu_has_bfloat16():
+    """Whether this CPU computes bfloat16 products in hardware (x86's
+    AVX512-BF16 or AMX, Arm's BF16): True or False from Linux's /proc/cpuinfo,
+    None where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set()
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[-1].split())
+    except OSError:
+        return None
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def directions_of(rnn):
     """An axis' recurrent layers: [forward, backward] of a Bidirectional, or [rnn]."""
     if isinstance(rnn, layers.Bidirectional):

@@ -89,6 +89,40 @@ def test_finetune_resumes_after_interruption(image_folder, small_start, tmp_path
         finetune(str(image_folder), str(output), epochs=3, **options)
 
 
+def test_mixed_precision_trains_a_saved_model_in_bfloat16(image_folder, small_start, tmp_path, capsys, monkeypatch):
+    """--mixed-precision from a float32 `.keras` start (which restores the
+    policy it was saved with): the run trains and saves bfloat16 layers, leaves
+    the global policy as it was, and notes where bfloat16 is the slower choice."""
+    from keras_sequencer.tasks import finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "cpu_has_bfloat16", lambda: True)
+    result = finetune(str(image_folder), str(tmp_path / "bf16"), weights=small_start, image_size=SIZE, epochs=1,
+                      batch_size=8, mixed_precision=True, verbose=2)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    if BACKEND == "jax":
+        assert len(notes) == 1 and "on JAX, bfloat16 on a CPU" in notes[0]
+    else:
+        assert notes == []
+    assert keras.config.dtype_policy().name == "float32"
+    best = keras.models.load_model(result["best_model"])
+    assert best.get_layer("stem").dtype_policy.name == "mixed_bfloat16"
+    assert best.output_shape == (None, 3)
+
+
+def test_mixed_precision_on_a_cpu_without_bfloat16_says_it_is_slower(monkeypatch):
+    from keras_sequencer.tasks import finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "has_gpu", lambda: False)
+    monkeypatch.setattr(finetune_module, "cpu_has_bfloat16", lambda: False)
+    assert finetune_module.mixed_precision_policy() == (
+        "mixed_bfloat16",
+        "this CPU has no bfloat16 instructions (AVX512-BF16, AMX): bfloat16 trains slower than float32 here; "
+        "leave out --mixed-precision for speed",
+    )
+    monkeypatch.setattr(finetune_module, "has_gpu", lambda: True)
+    assert finetune_module.mixed_precision_policy() == ("mixed_float16", None)
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="the command's wiring; the fit above runs on every backend")
 def test_finetune_command_freezes_the_backbone(image_folder, small_start, tmp_path, capsys):
     output = tmp_path / "frozen"

@@ -372,6 +372,33 @@ def test_tensorflow_plain_bfloat16_products_follow_the_cpu(tmp_path, monkeypatch
     assert layers_module.tensorflow_plain_bfloat16_products("bfloat16")
 
 
+def test_cpu_bfloat16_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    """x86's avx512_bf16 or amx_bf16 and Arm's bf16 feature; None where there is
+    no /proc/cpuinfo to read (not Linux)."""
+    import builtins
+
+    from keras_sequencer import layers as layers_module
+
+    real_open = builtins.open
+    cpuinfo = tmp_path / "cpuinfo"
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    has_bfloat16 = layers_module.cpu_has_bfloat16.__wrapped__  # uncached
+    for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                            ("fpu amx_bf16 amx_tile", True)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert has_bfloat16() is expected, flags
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert has_bfloat16() is True
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert has_bfloat16() is False
+    cpuinfo.unlink()
+    assert has_bfloat16() is None
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
 @pytest.mark.parametrize("plain", [False, True], ids=["bias_add", "plain_products"])
 def test_mixed_bfloat16_fused_route_trains_on_tensorflow(plain, rng, monkeypatch):

@@ -33,7 +33,7 @@ import numpy as np
 from keras_sequencer import registry
 from keras_sequencer.data import DataError, load_image, scan_image_folder, stratified_split
 from keras_sequencer.files import is_model_file, save_atomically
-from keras_sequencer.layers import has_gpu
+from keras_sequencer.layers import cpu_has_bfloat16, has_gpu
 from keras_sequencer.models import create_model, functional_model, minimum_model_input_size, model_metadata
 from keras_sequencer.models.base import ModelFileError, classifier_head, load_model_file, minimum_input_size
 from keras_sequencer.plots import plot_confusion_matrix, plot_history_csv
@@ -234,6 +234,8 @@ def build_model(settings, class_names, start=None):
         "interpolation": "bicubic",
     }
     num_classes = len(class_names)
+    if start is not None and settings["mixed_precision"]:
+        start = _in_global_policy(start)
     if start is not None:
         # A saved Sequencer model (an earlier fine-tune, say): keep its head when it
         # already names these classes, else give it a new one.
@@ -264,6 +266,28 @@ def build_model(settings, class_names, start=None):
         for layer in model.layers:
             layer.trainable = layer.name in (registry.HEAD, registry.PREDICTIONS)
     return model
+
+
+def _in_global_policy(model):
+    """`model` with its float32 layers rebuilt under the global dtype policy (a
+    `.keras` file restores the policy each layer was saved with), weights copied."""
+    policy = keras.config.dtype_policy().name
+
+    def retype(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") == "float32":
+                node["config"]["name"] = policy
+            for value in node.values():
+                retype(value)
+        elif isinstance(node, list):
+            for value in node:
+                retype(value)
+
+    config = keras.saving.serialize_keras_object(model)
+    retype(config)
+    rebuilt = keras.saving.deserialize_keras_object(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 # ---------------------------------------------------------------- epochs
@@ -431,8 +455,10 @@ def finetune(
     with _global_settings_restored():
         keras.utils.set_random_seed(settings["seed"])
         if settings["mixed_precision"]:
-            # float16 where a GPU computes it; CPUs compute bfloat16 (AVX512-BF16, AMX).
-            keras.config.set_dtype_policy("mixed_float16" if has_gpu() else "mixed_bfloat16")
+            policy, note = mixed_precision_policy()
+            keras.config.set_dtype_policy(policy)
+            if show and note:
+                print(f"note: {note}")
         model, train, val = _prepare(settings, class_names, paths, labels, validation, distribute, start)
         inference = _inference_twin(model)
         if state["epochs_done"] < settings["epochs"]:
@@ -526,6 +552,20 @@ def _check_settings(settings):
             f"it needs at least {min_size}x{min_size} (its patch sizes multiply to {min_size})"
         )
     return None
+
+
+def mixed_precision_policy():
+    """(policy, note) for --mixed-precision: float16 where a GPU computes it,
+    else bfloat16; the note says where bfloat16 on this CPU trains slower than
+    float32 (BENCHMARKS.md, "Issue 13, twelfth round"), None where it does not."""
+    if has_gpu():
+        return "mixed_float16", None
+    slower = "trains slower than float32 here; leave out --mixed-precision for speed"
+    if cpu_has_bfloat16() is False:
+        return "mixed_bfloat16", f"this CPU has no bfloat16 instructions (AVX512-BF16, AMX): bfloat16 {slower}"
+    if keras.backend.backend() == "jax":
+        return "mixed_bfloat16", f"on JAX, bfloat16 on a CPU (XLA's bfloat16 products) {slower}"
+    return "mixed_bfloat16", None
 
 
 def _print_summary(data_dir, class_names, labels, validation, unreadable, settings):
