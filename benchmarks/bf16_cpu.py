@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -36,7 +35,7 @@ import keras  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
 import throughput  # noqa: E402
-from machine import cpu_info  # noqa: E402
+from machine import alternate, cpu_info  # noqa: E402
 
 
 def keras_model(state_dict, policy, size):
@@ -92,16 +91,12 @@ def train_step(engine, state, batch, size):
 
 def train_worker(args):
     """Answers 'run' lines with the seconds of one training step."""
-    step = train_step(args.train_worker, reference_state(), args.batch, args.size)
-    step()
-    step()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
+    def one_step(step):
         start = time.perf_counter()
         step()
-        print(json.dumps({"step_s": time.perf_counter() - start}), flush=True)
+        return {"step_s": time.perf_counter() - start}
+
+    throughput.serve_rounds(train_step(args.train_worker, reference_state(), args.batch, args.size), one_step)
 
 
 def train(args):
@@ -112,7 +107,8 @@ def train(args):
     for engine in TRAIN_ENGINES:  # started one at a time so their warm-ups do not overlap
         command = [__file__, "--train-worker", engine, "--batch", str(args.batch), "--size", str(args.size)]
         workers[engine] = throughput.start_worker(command, engine)
-    seconds = {name: statistics.median(s) for name, s in throughput.alternate_rounds(workers, args.rounds, "step_s").items()}
+    samples = throughput.alternate_rounds(workers, args.rounds, "step_s")
+    seconds = {name: statistics.median(s) for name, s in samples.items()}
     speed = {name: args.batch / s for name, s in seconds.items()}
     return {
         "images_per_s": {k: round(v, 3) for k, v in speed.items()},
@@ -121,19 +117,6 @@ def train(args):
         "keras_fp32_vs_timm_fp32": round(speed["keras fp32"] / speed["timm fp32"], 3),
         "timm_bf16_vs_timm_fp32": round(speed["timm bf16"] / speed["timm fp32"], 3),
     }
-
-
-def time_rounds(engines, rounds):
-    """Medians of `rounds` alternating calls of each engine, after a warm-up."""
-    for run in engines.values():  # warm-up (compilation, oneDNN primitives)
-        run()
-    times = {name: [] for name in engines}
-    for _ in range(rounds):
-        for name, run in engines.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def keras_call(model):
@@ -184,7 +167,7 @@ def main():
 
     engines = {"timm fp32": timm_fp32, "timm bf16": timm_bf16,
                "keras fp32": lambda: keras_call(fp32)(x), "keras bf16": lambda: keras_call(bf16)(x)}
-    speed = {name: args.batch / seconds for name, seconds in time_rounds(engines, args.rounds).items()}
+    speed = {name: args.batch / seconds for name, seconds in alternate(engines, args.rounds, warmup=1).items()}
     timm_best = max(speed["timm fp32"], speed["timm bf16"])
 
     exact, low = [], []

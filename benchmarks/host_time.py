@@ -25,29 +25,13 @@ hand, not by CI.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-from machine import cpu_info
+from machine import alternate, cpu_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("torch", "jax", "tensorflow")
-
-
-def alternate(functions, calls, warmup=3):
-    """Calls each function in turn `calls` times; returns each one's median seconds."""
-    for _ in range(warmup):
-        for fn in functions.values():
-            fn()
-    times = {name: [] for name in functions}
-    for _ in range(calls):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def worker(backend, variant, size, calls, threads, optimizer_name):

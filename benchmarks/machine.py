@@ -1,6 +1,7 @@
 """What the benchmarks share: the CPU a benchmark ran on, for its results
 (model name, core count and the flags that decide bf16 speed: AVX512-BF16,
-AMX), as every table records them; paired timing of two calls."""
+AMX), as every table records them; paired timing of two calls; alternating
+calls of several."""
 
 import os
 import statistics
@@ -47,3 +48,17 @@ def paired_summary(times, first, second):
         f"{first} {1e3 * statistics.median(times[0]):.1f} ms, {second} {1e3 * statistics.median(times[1]):.1f} ms, "
         f"paired {statistics.median(ratios):.3f} ({sum(r < 1 for r in ratios)}/{len(ratios)} rounds faster)"
     )
+
+
+def alternate(functions, calls, warmup=3):
+    """Calls each function in turn `calls` times; returns each one's median seconds."""
+    for _ in range(warmup):
+        for fn in functions.values():
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(calls):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

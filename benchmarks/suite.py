@@ -155,18 +155,15 @@ def train_worker(engine, variant, batch, size, min_seconds):
         def step():
             model.train_on_batch(images, labels)
 
-    step()
-    step()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
+    def seconds_per_step(step):
         times, start = [], time.perf_counter()
         while not times or time.perf_counter() - start < min_seconds:
             begin = time.perf_counter()
             step()
             times.append(time.perf_counter() - begin)
-        print(json.dumps({"step_s": statistics.median(times)}), flush=True)
+        return {"step_s": statistics.median(times)}
+
+    throughput.serve_rounds(step, seconds_per_step)
 
 
 def train_step(args, variant):

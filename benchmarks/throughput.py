@@ -87,20 +87,30 @@ def worker(engine, variant, batch, size, min_seconds):
     # Normalised-scale inputs, as the models see them after preprocessing.
     images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype("float32")
     step = inference_step(engine, variant, images, (size, size, 3))
-    step()  # warm-up / compile
-    step()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
+
+    def images_per_second(step):
         count, start = 0, time.perf_counter()
         while True:
             step()
             count += 1
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds:
-                break
-        print(json.dumps({"img_s": count * batch / elapsed}), flush=True)
+                return {"img_s": count * batch / elapsed}
+
+    serve_rounds(step, images_per_second)
+
+
+def serve_rounds(step, measure):
+    """A worker's side of start_worker and alternate_rounds: two warm-up calls
+    of `step` (compilation), "ready", then measure(step) as a JSON line for
+    each "run" line."""
+    step()
+    step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps(measure(step)), flush=True)
 
 
 def start_worker(command, name):

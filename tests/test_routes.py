@@ -330,22 +330,28 @@ def test_tensorflow_plain_bfloat16_block_joins_biases_and_residuals(policy, rng,
     np.testing.assert_array_equal(tf.cast(outputs, "float32").numpy(), tf.cast(expected, "float32").numpy())
 
 
+@pytest.fixture
+def cpuinfo(tmp_path, monkeypatch):
+    """A file that stands in for Linux's /proc/cpuinfo while the test runs."""
+    import builtins
+
+    real_open = builtins.open
+    path = tmp_path / "cpuinfo"
+
+    def fake_open(name, *args, **kwargs):
+        return real_open(path if name == "/proc/cpuinfo" else name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    return path
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
-def test_tensorflow_plain_bfloat16_products_follow_the_cpu(tmp_path, monkeypatch):
+def test_tensorflow_plain_bfloat16_products_follow_the_cpu(cpuinfo, monkeypatch):
     """Plain bfloat16 products where oneDNN has AMX (the CPU's flag, unless
     ONEDNN_MAX_CPU_ISA caps it below AMX), for bfloat16 only; the module
     switch overrides the CPU."""
-    import builtins
-
     from keras_sequencer import layers as layers_module
 
-    real_open = builtins.open
-    cpuinfo = tmp_path / "cpuinfo"
-
-    def fake_open(path, *args, **kwargs):
-        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", fake_open)
     has_amx = layers_module.cpu_has_amx.__wrapped__  # uncached
     for isa in (None, "AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL"):
         if isa is None:
@@ -372,20 +378,11 @@ def test_tensorflow_plain_bfloat16_products_follow_the_cpu(tmp_path, monkeypatch
     assert layers_module.tensorflow_plain_bfloat16_products("bfloat16")
 
 
-def test_cpu_bfloat16_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+def test_cpu_bfloat16_flags_are_read_from_cpuinfo(cpuinfo):
     """x86's avx512_bf16 or amx_bf16 and Arm's bf16 feature; None where there is
     no /proc/cpuinfo to read (not Linux)."""
-    import builtins
-
     from keras_sequencer import layers as layers_module
 
-    real_open = builtins.open
-    cpuinfo = tmp_path / "cpuinfo"
-
-    def fake_open(path, *args, **kwargs):
-        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", fake_open)
     has_bfloat16 = layers_module.cpu_has_bfloat16.__wrapped__  # uncached
     for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
                             ("fpu amx_bf16 amx_tile", True)):
