@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+import keras_sequencer as ks  # noqa: E402
 from keras_sequencer import cli  # noqa: E402
 from keras_sequencer.tasks.demo import load_digits_rgb  # noqa: E402
 from keras_sequencer.tasks.finetune import FinetuneError, finetune  # noqa: E402
@@ -107,6 +108,8 @@ def test_mixed_precision_trains_a_saved_model_in_bfloat16(image_folder, small_st
     best = keras.models.load_model(result["best_model"])
     assert best.get_layer("stem").dtype_policy.name == "mixed_bfloat16"
     assert best.output_shape == (None, 3)
+    scores = ks.evaluate(best, str(image_folder), progress=False)  # the next step of a user's journey
+    assert scores["images"] == 42 and 0 <= scores["top1"] <= 100
 
 
 def test_mixed_precision_on_a_cpu_without_bfloat16_says_it_is_slower(monkeypatch):
