@@ -8,9 +8,14 @@ BENCHMARKS.md has the numbers and what a route would need.
 
     python benchmarks/tf_lstm_gradient.py N T C H DTYPE [ROUNDS]
     python benchmarks/tf_lstm_gradient.py 256 16 384 96 bfloat16 9   # stages 2-4 of sequencer2d_s, batch 16
+    python benchmarks/tf_lstm_gradient.py model POLICY BATCH ROUNDS [MAX_STEPS]
+    python benchmarks/tf_lstm_gradient.py model mixed_bfloat16 16 5 16
 
-Prints each output's and gradient's largest difference between the two, then
-the medians and the paired ratio (custom / BlockLSTM; below 1 is faster).
+One layer: prints each output's and gradient's largest difference between the
+two, then the medians and the paired ratio (custom / BlockLSTM; below 1 is
+faster). `model`: sequencer2d_s's training step with the LSTMs of sequences
+of up to MAX_STEPS steps in the custom form; the first two steps' losses of
+each, then the paired ratio.
 """
 
 import os
@@ -94,32 +99,100 @@ def custom_lstm(x, kernel, recurrent, bias, dtype):
         return out, grad
     return run(x, kernel, recurrent, bias)
 
-N, T, C, H = [int(v) for v in sys.argv[1:5]]; dtype = tf.as_dtype(sys.argv[5])
-rng = np.random.default_rng(0)
-x = tf.constant(rng.normal(size=(N, T, C)), dtype)
-kernel = tf.Variable(rng.normal(size=(C, 4 * H)).astype("float32") * 0.1)
-recurrent = tf.Variable(rng.normal(size=(H, 4 * H)).astype("float32") * 0.1)
-bias = tf.Variable(rng.normal(size=(4 * H,)).astype("float32") * 0.1)
-up = tf.constant(rng.normal(size=(N, T, H)), dtype)
+def layer_ab(argv):
+    """One LSTM direction pair: outputs, gradients and times of the two forms."""
+    N, T, C, H = [int(v) for v in argv[:4]]
+    dtype = tf.as_dtype(argv[4])
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(N, T, C)), dtype)
+    kernel = tf.Variable(rng.normal(size=(C, 4 * H)).astype("float32") * 0.1)
+    recurrent = tf.Variable(rng.normal(size=(H, 4 * H)).astype("float32") * 0.1)
+    bias = tf.Variable(rng.normal(size=(4 * H,)).astype("float32") * 0.1)
+    up = tf.constant(rng.normal(size=(N, T, H)), dtype)
 
-def make(fn):
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            outs = [fn(x, kernel, recurrent, bias, dtype), fn(tf.reverse(x, [1]), kernel, recurrent, bias, dtype)]
-            loss = sum(tf.reduce_sum(tf.cast(o, tf.float32) * tf.cast(up, tf.float32)) for o in outs)
-        return [outs[0]] + tape.gradient(loss, [x, kernel, recurrent, bias])
-    return step
+    def make(fn):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                outs = [fn(x, kernel, recurrent, bias, dtype), fn(tf.reverse(x, [1]), kernel, recurrent, bias, dtype)]
+                loss = sum(tf.reduce_sum(tf.cast(o, tf.float32) * tf.cast(up, tf.float32)) for o in outs)
+            return [outs[0]] + tape.gradient(loss, [x, kernel, recurrent, bias])
+        return step
 
-a, b = make(block_lstm), make(custom_lstm)
-ra, rb = a(x), b(x)
-for n, u, v in zip(["out", "dx", "dk", "dr", "db"], ra, rb):
-    u, v = np.asarray(tf.cast(u, tf.float32)), np.asarray(tf.cast(v, tf.float32))
-    print(n, "max abs diff", np.abs(u - v).max(), "scale", np.abs(u).max())
-ta, tb = [], []
-for _ in range(int(sys.argv[6]) if len(sys.argv) > 6 else 7):
-    t = time.perf_counter(); a(x)[1].numpy(); ta.append(time.perf_counter() - t)
-    t = time.perf_counter(); b(x)[1].numpy(); tb.append(time.perf_counter() - t)
-print("block ms", 1000 * statistics.median(ta), "custom ms", 1000 * statistics.median(tb),
-      "paired", statistics.median([q / p for p, q in zip(ta, tb)]))
+    a, b = make(block_lstm), make(custom_lstm)
+    ra, rb = a(x), b(x)
+    for n, u, v in zip(["out", "dx", "dk", "dr", "db"], ra, rb):
+        u, v = np.asarray(tf.cast(u, tf.float32)), np.asarray(tf.cast(v, tf.float32))
+        print(n, "max abs diff", np.abs(u - v).max(), "scale", np.abs(u).max())
+    ta, tb = [], []
+    for _ in range(int(argv[5]) if len(argv) > 5 else 7):
+        t = time.perf_counter(); a(x)[1].numpy(); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); b(x)[1].numpy(); tb.append(time.perf_counter() - t)
+    print("block ms", 1000 * statistics.median(ta), "custom ms", 1000 * statistics.median(tb),
+          "paired", statistics.median([q / p for p, q in zip(ta, tb)]))
+
+
+def model_ab(argv):
+    """sequencer2d_s's train_on_batch at 224 with the LSTMs of sequences of up to
+    MAX_STEPS steps through custom_lstm, against the package's BlockLSTM;
+    the same initial weights, alternating steps."""
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import keras
+
+    import keras_sequencer as ks
+    from keras_sequencer import keras_compat, layers
+    from keras_sequencer.training import create_optimizer
+
+    policy, batch, rounds = argv[0], int(argv[1]), int(argv[2])
+    max_steps = int(argv[3]) if len(argv) > 3 else 16
+    package_lstm, use_custom = layers.tensorflow_fused_lstm, {"on": False}
+
+    def bidirectional(rnn, sequences):
+        outputs = []
+        for direction in layers.directions_of(rnn):
+            cell = direction.cell
+            weights = [keras_compat.stored_value(v) for v in (cell.kernel, cell.recurrent_kernel, cell.bias)]
+            x = tf.reverse(sequences, [1]) if direction.go_backwards else sequences
+            h = custom_lstm(x, *weights, sequences.dtype)
+            outputs.append(tf.reverse(h, [1]) if direction.go_backwards else h)
+        return tf.concat(outputs, -1)
+
+    def fused_lstm(rnn, sequences, training=None):  # read when a model traces
+        if use_custom["on"] and training and sequences.shape[1] is not None and sequences.shape[1] <= max_steps:
+            return bidirectional(rnn, sequences)
+        return package_lstm(rnn, sequences, training)
+
+    layers.tensorflow_fused_lstm = fused_lstm
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, 224, 224, 3)).astype("float32")
+    y = rng.integers(0, 1000, batch)
+    models = {}
+    for name in ("BlockLSTM", "custom"):
+        keras.config.set_dtype_policy(policy)
+        keras.utils.set_random_seed(0)
+        model = ks.create_model("sequencer2d_s", input_shape=(224, 224, 3), classifier_activation=None,
+                                include_preprocessing=False)
+        keras.config.set_dtype_policy("float32")
+        model.compile(optimizer=create_optimizer(model, 1e-4, global_clipnorm=1.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        use_custom["on"] = name == "custom"
+        losses = [float(model.train_on_batch(x, y)) for _ in range(2)]
+        print(name, "losses of the first two steps", losses, flush=True)
+        models[name] = model
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[name].append(time.perf_counter() - start)
+    ratios = [b / a for a, b in zip(times["BlockLSTM"], times["custom"])]
+    print({name: round(statistics.median(t), 3) for name, t in times.items()},
+          "paired", round(statistics.median(ratios), 3), f"({sum(r < 1 for r in ratios)}/{rounds})")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "model":
+        model_ab(sys.argv[2:])
+    else:
+        layer_ab(sys.argv[1:])
