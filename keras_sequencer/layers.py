@@ -197,26 +197,9 @@ def has_gpu():
     return torch.cuda.is_available()
 
 
-@functools.cache
-def cpu_has_amx():
-    """Whether oneDNN may use this CPU's AMX bfloat16 tiles: the flag in Linux's
-    /proc/cpuinfo, unless ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) caps oneDNN
-    below AMX."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    if cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
-        return False
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo)
-    except OSError:
-        return False
-
-
-@functools.cache
-def cpu_has_bfloat16():
-    """Whether this CPU computes bfloat16 products in hardware (x86's
-    AVX512-BF16 or AMX, Arm's BF16): True or False from Linux's /proc/cpuinfo,
-    None where it cannot tell."""
+def _cpu_flags():
+    """The CPU's feature flags from Linux's /proc/cpuinfo (x86's "flags", Arm's
+    "Features"); None where there is none to read."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags = set()
@@ -225,9 +208,27 @@ def cpu_has_bfloat16():
                     flags.update(line.split(":", 1)[-1].split())
     except OSError:
         return None
-    if not flags:
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return flags or None
+
+
+@functools.cache
+def cpu_has_amx():
+    """Whether oneDNN may use this CPU's AMX bfloat16 tiles: the flag in Linux's
+    /proc/cpuinfo, unless ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) caps oneDNN
+    below AMX."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+        return False
+    return "amx_bf16" in (_cpu_flags() or ())
+
+
+@functools.cache
+def cpu_has_bfloat16():
+    """Whether this CPU computes bfloat16 products in hardware (x86's
+    AVX512-BF16 or AMX, Arm's BF16): True or False from Linux's /proc/cpuinfo,
+    None where it cannot tell."""
+    flags = _cpu_flags()
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def directions_of(rnn):
