@@ -279,9 +279,13 @@ def tensorflow_fused_lstm(rnn, sequences, training=None):
     The unrolled form is for traced inference (`predict`, `tf.function`,
     serving), where its compilation is paid once per shape. BlockLSTM runs
     everything else: training, where its gradient kernel outruns the unrolled
-    form's, and eager calls, which would pay the compilation for one call."""
+    form's, and eager calls, which would pay the compilation for one call;
+    except that traced training of short sequences in bfloat16 on an AMX CPU
+    runs tensorflow_trained_lstm, whose products run in bfloat16."""
     if tensorflow_unrolls(sequences.shape[1], training):
         return ops.squeeze(tensorflow_unrolled_lstm(rnn, ops.expand_dims(sequences, 2)), 2)
+    if tensorflow_trains_unrolled(sequences.shape[1], sequences.dtype, training):
+        return tensorflow_trained_lstm(rnn, sequences)
     if keras.backend.standardize_dtype(sequences.dtype) == "float32":
         return _tensorflow_block_lstm(rnn, sequences)
     # Mixed precision: BlockLSTM in float32 outruns Keras' loop in bfloat16
@@ -423,6 +427,153 @@ def _float32_product(a, b):
         return tf.raw_ops.BatchMatMulV3(x=a, y=b, Tout=tf.float32), gradient
 
     return product(a, b)
+
+
+# Under bfloat16 on an AMX CPU, training steps sequences of up to this many
+# steps through tensorflow_trained_lstm; longer ones through BlockLSTM, which
+# was the faster at 32 steps (BENCHMARKS.md, "Issue 13, thirteenth round").
+TENSORFLOW_TRAINED_MAX_STEPS = 16
+
+# None: tensorflow_trains_unrolled decides by the dtype and the CPU; tests set it.
+TENSORFLOW_TRAINS_UNROLLED = None
+
+
+def tensorflow_trains_unrolled(steps, dtype, training=None):
+    """Whether TensorFlow's fused route trains sequences of `steps` steps as
+    tensorflow_trained_lstm: traced training (fit, a tf.function) in bfloat16
+    on an AMX CPU, where BlockLSTM would train in float32."""
+    import tensorflow as tf
+
+    if not training or tf.executing_eagerly() or steps is None or steps > TENSORFLOW_TRAINED_MAX_STEPS:
+        return False
+    if TENSORFLOW_TRAINS_UNROLLED is not None:
+        return TENSORFLOW_TRAINS_UNROLLED
+    return keras.backend.standardize_dtype(dtype) == "bfloat16" and cpu_has_amx()
+
+
+def tensorflow_trained_lstm(rnn, sequences):
+    """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences on
+    TensorFlow with a gradient of its own: the input projection and, in the
+    backward pass, the input and kernel gradients are whole-sequence products
+    in the compute dtype (oneDNN's, on AMX for bfloat16); the recurrences of
+    both passes are one XLA call each for every direction, their state and
+    gate gradients in float32."""
+    import tensorflow as tf
+
+    directions = directions_of(rnn)
+    # The variables themselves, read here so that the tape sees the reads.
+    kernel, recurrent, bias = (
+        [ops.cast(keras_compat.stored_value(getattr(d.cell, name)), "float32") for d in directions]
+        for name in ("kernel", "recurrent_kernel", "bias")
+    )
+    backward = tuple(d.go_backwards for d in directions)
+    return _trained_lstm(sequences, tf.concat(kernel, -1), tf.stack(recurrent), tf.stack(bias), backward)
+
+
+def _trained_lstm(x, kernel, recurrent, bias, backward):
+    import tensorflow as tf
+
+    dtype, steps, channels = x.dtype, x.shape[1], x.shape[2]
+    directions, units = len(backward), recurrent.shape[1]
+
+    @tf.custom_gradient
+    def lstm(x, kernel, recurrent, bias):
+        # kernel (C, D*4H), recurrent (D, H, 4H), bias (D, 4H): float32.
+        inputs = tf.reshape(x, (-1, channels))
+        kernel_in_dtype = tf.cast(kernel, dtype)
+        projected = tf.reshape(tf.matmul(inputs, kernel_in_dtype), (-1, steps, directions, 4 * units))
+        outputs, states, cells, activations = _xla_trained_forward()(projected, recurrent, bias, backward)
+
+        def gradient(upstream):
+            gate_grads, recurrent_grad, bias_grad = _xla_trained_backward()(
+                upstream, states, cells, activations, recurrent, backward
+            )
+            inputs_grad = tf.reshape(tf.matmul(gate_grads, kernel_in_dtype, transpose_b=True), tf.shape(x))
+            kernel_grad = tf.cast(tf.matmul(inputs, gate_grads, transpose_a=True), kernel.dtype)
+            return inputs_grad, kernel_grad, recurrent_grad, bias_grad
+
+        return outputs, gradient
+
+    return lstm(x, kernel, recurrent, bias)
+
+
+def _processing_steps(steps, backward):
+    """For each step of the recurrences, the time index each direction reads."""
+    return [[steps - 1 - step if back else step for back in backward] for step in range(steps)]
+
+
+@functools.cache
+def _xla_trained_forward():
+    import tensorflow as tf
+
+    def trained_forward_recurrence(projected, recurrent, bias, backward):
+        # projected: (N, T, D, 4H) gate inputs in the compute dtype. Returns the
+        # outputs (N, T, D*H) in time order and the compute dtype, and the
+        # gradient's float32 (T, D, N, .) states, cells and gate activations
+        # in each direction's processing order.
+        steps, units = projected.shape[1], recurrent.shape[1]
+        h = c = tf.zeros((len(backward), tf.shape(projected)[0], units), "float32")
+        states, cells, activations = [], [], []
+        for at in _processing_steps(steps, backward):
+            gates = tf.stack([tf.cast(projected[:, t, d], "float32") for d, t in enumerate(at)])
+            gates = gates + bias[:, None] + tf.matmul(h, recurrent)
+            i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
+            i, f, candidate, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(candidate), tf.sigmoid(o)
+            c = f * c + i * candidate
+            h = o * tf.tanh(c)
+            states.append(h)
+            cells.append(c)
+            activations.append(tf.concat([i, f, candidate, o], -1))
+        by_direction = tf.stack(states, axis=2)  # (D, N, T, H)
+        outputs = [tf.reverse(by_direction[d], [1]) if back else by_direction[d] for d, back in enumerate(backward)]
+        outputs = tf.cast(tf.concat(outputs, -1), projected.dtype)
+        return outputs, tf.stack(states), tf.stack(cells), tf.stack(activations)
+
+    return tf.function(trained_forward_recurrence, jit_compile=True)
+
+
+@functools.cache
+def _xla_trained_backward():
+    import tensorflow as tf
+
+    def trained_backward_recurrence(upstream, states, cells, activations, recurrent, backward):
+        # upstream: (N, T, D*H) in the compute dtype. Returns the gate
+        # gradients (N*T, D*4H) in time order and the compute dtype (the
+        # projection's layout), and the recurrent kernels' and biases' float32
+        # gradients.
+        steps, units = states.shape[0], recurrent.shape[1]
+        order = _processing_steps(steps, backward)
+        state_grad = cell_grad = tf.zeros_like(states[0])
+        gate_grads = [None] * steps
+        for step in reversed(range(steps)):
+            upstream_at = [upstream[:, t, d * units:(d + 1) * units] for d, t in enumerate(order[step])]
+            dh = tf.cast(tf.stack(upstream_at), "float32") + state_grad
+            i, f, candidate, o = tf.split(activations[step], 4, axis=-1)
+            tanh_c = tf.tanh(cells[step])
+            dc = cell_grad + dh * o * (1 - tanh_c * tanh_c)
+            previous_c = cells[step - 1] if step > 0 else tf.zeros_like(dc)
+            gate_grads[step] = tf.concat(
+                [
+                    dc * candidate * i * (1 - i),
+                    dc * previous_c * f * (1 - f),
+                    dc * i * (1 - candidate * candidate),
+                    dh * tanh_c * o * (1 - o),
+                ],
+                -1,
+            )
+            cell_grad = dc * f
+            if step > 0:
+                state_grad = tf.matmul(gate_grads[step], recurrent, transpose_b=True)
+        grads = tf.stack(gate_grads)  # (T, D, N, 4H)
+        previous_states = tf.concat([tf.zeros_like(states[:1]), states[:-1]], 0)
+        recurrent_grad = tf.einsum("tdnh,tdng->dhg", previous_states, grads)
+        bias_grad = tf.reduce_sum(grads, [0, 2])
+        in_time_order = [tf.reverse(grads[:, d], [0]) if back else grads[:, d] for d, back in enumerate(backward)]
+        in_time_order = tf.transpose(tf.concat(in_time_order, -1), (1, 0, 2))  # (N, T, D*4H)
+        gate_grads = tf.reshape(in_time_order, (-1, len(backward) * recurrent.shape[2]))
+        return tf.cast(gate_grads, upstream.dtype), recurrent_grad, bias_grad
+
+    return tf.function(trained_backward_recurrence, jit_compile=True)
 
 
 # An axis of a map with fewer sequences than this (batch times the other side)

@@ -74,9 +74,10 @@ def test_route_overridden_per_layer_and_restored_around_export():
     assert [b.rnn_tokens.route for b in blocks] == ["keras", "auto"]
 
 
-def _outputs_and_gradients(layer, x, weights):
+def _outputs_and_gradients(layer, x, weights, training=None):
     """The layer's output and the gradients of sum(output * weights) with respect
-    to the input and every trainable variable, as numpy."""
+    to the input and every trainable variable, as numpy. `training` reaches
+    TensorFlow's traced call (its fused route trains in a form of its own)."""
     variables = layer.trainable_variables
     if BACKEND == "torch":
         import torch
@@ -104,7 +105,7 @@ def _outputs_and_gradients(layer, x, weights):
     inputs = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(inputs)
-        outputs = tf.function(layer)(inputs)  # traced, as predict and fit run it
+        outputs = tf.function(layer)(inputs, training=training)  # traced, as predict and fit run it
         loss = tf.reduce_sum(outputs * weights)
     grads = tape.gradient(loss, [inputs] + [v.value for v in variables])
     return [outputs.numpy()] + [g.numpy() for g in grads]
@@ -133,11 +134,14 @@ def _flows(name, grid):
     return not ("recurrent_kernel" in name and steps == 1)
 
 
-# TensorFlow's fused route has two forms: sequences of up to
+# TensorFlow's fused route has three forms: in inference sequences of up to
 # layers.TENSORFLOW_UNROLL_MAX_STEPS steps as an XLA-compiled unrolled
-# recurrence, longer ones through BlockLSTM. A limit of 0 puts every sequence
-# on BlockLSTM, so both forms meet the same checks on small grids.
-FUSED_FORMS = ["unrolled", "block"] if BACKEND == "tensorflow" else ["unrolled"]
+# recurrence, longer ones through BlockLSTM; in training ("trained") short
+# sequences in bfloat16 on AMX CPUs as tensorflow_trained_lstm, the rest
+# through BlockLSTM. A limit of 0 puts every sequence on BlockLSTM and
+# TENSORFLOW_TRAINS_UNROLLED pins the training form, so every form meets the
+# same checks on small grids, in any dtype, on any CPU.
+FUSED_FORMS = ["unrolled", "block", "trained"] if BACKEND == "tensorflow" else ["unrolled"]
 
 
 @pytest.fixture(params=FUSED_FORMS)
@@ -146,6 +150,7 @@ def fused_form(request, monkeypatch):
 
     if request.param == "block":
         monkeypatch.setattr(layers_module, "TENSORFLOW_UNROLL_MAX_STEPS", 0)
+    monkeypatch.setattr(layers_module, "TENSORFLOW_TRAINS_UNROLLED", request.param == "trained")
     # JAX's fused route scans axes of layers.JAX_FUSED_MIN_SEQUENCES sequences
     # or more; these small maps have fewer, so every axis is made to qualify.
     monkeypatch.setattr(layers_module, "JAX_FUSED_MIN_SEQUENCES", 0)
@@ -167,7 +172,7 @@ def test_fused_route_matches_keras_route_with_gradients(kwargs, grid, rng, fused
     results = {}
     for route in ("fused", "keras"):
         layer.route = route
-        results[route] = _outputs_and_gradients(layer, x, weights)
+        results[route] = _outputs_and_gradients(layer, x, weights, training=fused_form == "trained")
     names = ["outputs", "d inputs"] + [v.path for v in layer.trainable_variables]
     for name, fused, reference in zip(names, results["fused"], results["keras"]):
         assert _flows(name, grid) == (np.abs(reference).max() > 1e-3), name  # the gradient really flows
@@ -235,9 +240,10 @@ def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(po
                                                                               monkeypatch):
     """No bfloat16/float16 BlockLSTM on CPU: the fused route runs the float32
     kernel on the float32 variables inside a mixed-precision layer (the
-    unrolled form: products from the compute dtype, state in float32). Outputs
-    and gradients within the compute dtype's rounding of the float32 layer's
-    (the block's fused MLP included), with either form of the products."""
+    unrolled and trained forms: products from the compute dtype, state in
+    float32). Outputs and gradients within the compute dtype's rounding of the
+    float32 layer's (the block's fused MLP included), with either form of the
+    products."""
     import tensorflow as tf
 
     from keras_sequencer import layers as layers_module
@@ -251,17 +257,17 @@ def test_mixed_precision_fused_route_on_tensorflow_keeps_the_state_in_float32(po
         target.assign(source)
     loss_weights = tf.constant(rng.normal(size=x.shape).astype("float32"))
 
-    def traced_inference(block):
+    def traced(block):
         inputs = tf.constant(x)
         with tf.GradientTape() as tape:
             tape.watch(inputs)
-            outputs = tf.function(lambda a: block(a, training=False))(inputs)
+            outputs = tf.function(lambda a: block(a, training=fused_form == "trained"))(inputs)
             loss = tf.reduce_sum(tf.cast(outputs, "float32") * loss_weights)
         grads = tape.gradient(loss, [inputs] + block.trainable_variables)
         return outputs, [tf.cast(g, "float32").numpy() for g in grads]
 
-    expected, expected_grads = traced_inference(exact)
-    outputs, grads = traced_inference(mixed)
+    expected, expected_grads = traced(exact)
+    outputs, grads = traced(mixed)
     assert outputs.dtype == policy.split("_")[1]
     got, expected = tf.cast(outputs, "float32").numpy(), expected.numpy()
     assert np.abs(got - expected).max() <= np.abs(expected).max() * 2.0**-6
@@ -486,6 +492,78 @@ def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng):
         assert np.abs(outputs - expected).max() <= TOLERANCE, training
     for training, outputs in blocks.items():
         assert np.abs(outputs - expected_block).max() <= TOLERANCE, training
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's training form")
+def test_tensorflow_trains_short_bfloat16_sequences_in_a_form_of_its_own(rng, monkeypatch):
+    """Traced training under mixed_bfloat16 on an AMX CPU runs sequences of up
+    to layers.TENSORFLOW_TRAINED_MAX_STEPS steps as tensorflow_trained_lstm
+    (one XLA-compiled recurrence for both directions, no BlockLSTM) and longer
+    ones through BlockLSTM; inference, float32, CPUs without AMX and eager
+    calls keep their forms."""
+    from unittest import mock
+
+    from keras_sequencer import layers as layers_module
+
+    limit = layers_module.TENSORFLOW_TRAINED_MAX_STEPS
+    x = rng.normal(size=(2, 3, limit + 1, 10)).astype("float32")  # 3-step columns, longer rows
+    mixed, exact = (ks.BiLSTM2D(4, route="fused", dtype=policy) for policy in ("mixed_bfloat16", "float32"))
+
+    def kernels(layer, training):
+        operations = _traced_operations(lambda a: layer(a, training=training), x)
+        compiled = _xla_compiled_functions(operations)
+        return [op.type for op in operations].count("BlockLSTM"), sum("trained" in name for name in compiled)
+
+    monkeypatch.setattr(layers_module, "cpu_has_amx", lambda: True)
+    assert kernels(mixed, True) == (2, 1)
+    assert kernels(mixed, False)[1] == 0
+    assert kernels(exact, True) == (4, 0)
+    with mock.patch.object(layers_module, "tensorflow_trained_lstm", side_effect=AssertionError):
+        mixed(x, training=True)  # eager: BlockLSTM, no compilation for one call
+    monkeypatch.setattr(layers_module, "cpu_has_amx", lambda: False)
+    assert kernels(mixed, True) == (4, 0)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's training form")
+def test_tensorflow_trained_form_steps_a_bfloat16_model_as_block_lstm_does(rng, monkeypatch):
+    """fit's train step under mixed_bfloat16, from the same weights: the
+    trained form gives BlockLSTM's losses and LSTM updates within bfloat16's
+    rounding, and the model learns."""
+    from unittest import mock
+
+    from keras_sequencer import layers as layers_module
+
+    x = rng.normal(size=(16, 8, 8, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 16), 3)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        models = [
+            ks.Sequencer2D(
+                layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
+                input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
+            )
+            for _ in range(2)
+        ]
+    finally:
+        keras.config.set_dtype_policy("float32")
+    models[1].set_weights(models[0].get_weights())
+    kernel_path = "stages_0_blocks_0/rnn_tokens/rnn_v/forward_rnn_v_forward/lstm_cell/kernel"
+    results = []
+    for model, trained in zip(models, (True, False)):
+        monkeypatch.setattr(layers_module, "TENSORFLOW_TRAINS_UNROLLED", trained)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+        kernel = next(v for v in model.trainable_variables if v.path.endswith(kernel_path))
+        before = keras.ops.convert_to_numpy(kernel).copy()
+        spy = mock.patch.object(layers_module, "tensorflow_trained_lstm", wraps=layers_module.tensorflow_trained_lstm)
+        with spy as trained_lstm:
+            losses = [float(model.train_on_batch(x, y)) for _ in range(3)]
+        assert trained_lstm.called == trained
+        results.append((losses, keras.ops.convert_to_numpy(kernel) - before))
+    (losses, update), (expected_losses, expected_update) = results
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, expected_losses, rtol=2.0**-6)
+    assert np.abs(expected_update).max() > 0
+    assert np.abs(update - expected_update).max() <= 16 * 2.0**-8 * np.abs(expected_update).max()
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's unrolled form")
