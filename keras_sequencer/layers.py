@@ -482,12 +482,10 @@ def _trained_lstm(x, kernel, recurrent, bias, backward):
         inputs = tf.reshape(x, (-1, channels))
         kernel_in_dtype = tf.cast(kernel, dtype)
         projected = tf.reshape(tf.matmul(inputs, kernel_in_dtype), (-1, steps, directions, 4 * units))
-        outputs, states, cells, activations = _xla_trained_forward()(projected, recurrent, bias, backward)
+        outputs, *saved = _xla_trained_forward()(projected, recurrent, bias, backward)
 
         def gradient(upstream):
-            gate_grads, recurrent_grad, bias_grad = _xla_trained_backward()(
-                upstream, states, cells, activations, recurrent, backward
-            )
+            gate_grads, recurrent_grad, bias_grad = _xla_trained_backward()(upstream, *saved, recurrent, backward)
             inputs_grad = tf.reshape(tf.matmul(gate_grads, kernel_in_dtype, transpose_b=True), tf.shape(x))
             kernel_grad = tf.cast(tf.matmul(inputs, gate_grads, transpose_a=True), kernel.dtype)
             return inputs_grad, kernel_grad, recurrent_grad, bias_grad
@@ -497,9 +495,14 @@ def _trained_lstm(x, kernel, recurrent, bias, backward):
     return lstm(x, kernel, recurrent, bias)
 
 
-def _processing_steps(steps, backward):
-    """For each step of the recurrences, the time index each direction reads."""
-    return [[steps - 1 - step if back else step for back in backward] for step in range(steps)]
+def _in_processing_order(sequences, backward):
+    """(T, D, ...) in time order -> each direction's processing order (the
+    backward directions' steps reversed), and back again."""
+    import tensorflow as tf
+
+    if not any(backward):
+        return sequences
+    return tf.stack([tf.reverse(sequences[:, d], [0]) if back else sequences[:, d] for d, back in enumerate(backward)], 1)
 
 
 @functools.cache
@@ -508,26 +511,36 @@ def _xla_trained_forward():
 
     def trained_forward_recurrence(projected, recurrent, bias, backward):
         # projected: (N, T, D, 4H) gate inputs in the compute dtype. Returns the
-        # outputs (N, T, D*H) in time order and the compute dtype, and the
-        # gradient's float32 (T, D, N, .) states, cells and gate activations
-        # in each direction's processing order.
-        steps, units = projected.shape[1], recurrent.shape[1]
-        h = c = tf.zeros((len(backward), tf.shape(projected)[0], units), "float32")
-        states, cells, activations = [], [], []
-        for at in _processing_steps(steps, backward):
-            gates = tf.stack([tf.cast(projected[:, t, d], "float32") for d, t in enumerate(at)])
-            gates = gates + bias[:, None] + tf.matmul(h, recurrent)
-            i, f, candidate, o = tf.split(gates, 4, axis=-1)  # Keras' gate order
-            i, f, candidate, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(candidate), tf.sigmoid(o)
+        # outputs (N, T, D*H) in time order and the compute dtype, and what the
+        # backward pass reads, float32 in each direction's processing order:
+        # each gate's derivative times the factor its gradient takes from the
+        # step (T, D, N, 4H), o * tanh'(c) and the forget gate (T, D, N, H).
+        batch, steps, directions, units = tf.shape(projected)[0], projected.shape[1], len(backward), recurrent.shape[1]
+        gate_inputs = tf.transpose(tf.cast(projected, "float32"), (1, 2, 0, 3))
+        gate_inputs = _in_processing_order(gate_inputs, backward) + bias[:, None]
+        # One sigmoid for the four gates: tanh(x) = 2 sigmoid(2x) - 1.
+        scale = tf.repeat(tf.constant([1.0, 1.0, 2.0, 1.0]), units)
+        shift = tf.repeat(tf.constant([0.0, 0.0, -1.0, 0.0]), units)
+        h = c = tf.zeros((directions, batch, units), "float32")
+        states, derivatives, cell_factors, forget = [], [], [], []
+        for step in range(steps):
+            sigmoid = tf.sigmoid((gate_inputs[step] + tf.matmul(h, recurrent)) * scale)
+            i, f, candidate, o = tf.split(sigmoid * scale + shift, 4, axis=-1)  # Keras' order
+            previous_c = c
             c = f * c + i * candidate
-            h = o * tf.tanh(c)
+            tanh_c = tf.tanh(c)
+            h = o * tanh_c
             states.append(h)
-            cells.append(c)
-            activations.append(tf.concat([i, f, candidate, o], -1))
-        by_direction = tf.stack(states, axis=2)  # (D, N, T, H)
-        outputs = [tf.reverse(by_direction[d], [1]) if back else by_direction[d] for d, back in enumerate(backward)]
-        outputs = tf.cast(tf.concat(outputs, -1), projected.dtype)
-        return outputs, tf.stack(states), tf.stack(cells), tf.stack(activations)
+            # d gate / d input (sigmoid' = s(1 - s); candidate: 4 s(1 - s) of 2x),
+            # times what the gate's gradient takes besides dc or dh.
+            factors = tf.concat([candidate, previous_c, i, tanh_c], -1)
+            derivatives.append(sigmoid * (1 - sigmoid) * (scale * scale) * factors)
+            cell_factors.append(o * (1 - tanh_c * tanh_c))
+            forget.append(f)
+        states = tf.stack(states)
+        outputs = tf.transpose(_in_processing_order(states, backward), (2, 0, 1, 3))
+        outputs = tf.cast(tf.reshape(outputs, (batch, steps, directions * units)), projected.dtype)
+        return outputs, states, tf.stack(derivatives), tf.stack(cell_factors), tf.stack(forget)
 
     return tf.function(trained_forward_recurrence, jit_compile=True)
 
@@ -536,45 +549,40 @@ def _xla_trained_forward():
 def _xla_trained_backward():
     import tensorflow as tf
 
-    def trained_backward_recurrence(upstream, states, cells, activations, recurrent, backward):
+    def trained_backward_recurrence(upstream, states, derivatives, cell_factors, forget, recurrent, backward):
         # upstream: (N, T, D*H) in the compute dtype. Returns the gate
         # gradients (N*T, D*4H) in time order and the compute dtype (the
         # projection's layout), and the recurrent kernels' and biases' float32
         # gradients.
-        steps, units = states.shape[0], recurrent.shape[1]
-        order = _processing_steps(steps, backward)
+        batch, steps, directions, units = tf.shape(upstream)[0], upstream.shape[1], len(backward), recurrent.shape[1]
+        dtype = upstream.dtype
+        upstream = tf.reshape(tf.cast(upstream, "float32"), (batch, steps, directions, units))
+        upstream = _in_processing_order(tf.transpose(upstream, (1, 2, 0, 3)), backward)
         state_grad = cell_grad = tf.zeros_like(states[0])
         gate_grads = [None] * steps
         for step in reversed(range(steps)):
-            upstream_at = [upstream[:, t, d * units:(d + 1) * units] for d, t in enumerate(order[step])]
-            dh = tf.cast(tf.stack(upstream_at), "float32") + state_grad
-            i, f, candidate, o = tf.split(activations[step], 4, axis=-1)
-            tanh_c = tf.tanh(cells[step])
-            dc = cell_grad + dh * o * (1 - tanh_c * tanh_c)
-            previous_c = cells[step - 1] if step > 0 else tf.zeros_like(dc)
-            gate_grads[step] = tf.concat(
-                [
-                    dc * candidate * i * (1 - i),
-                    dc * previous_c * f * (1 - f),
-                    dc * i * (1 - candidate * candidate),
-                    dh * tanh_c * o * (1 - o),
-                ],
-                -1,
-            )
-            cell_grad = dc * f
+            dh = upstream[step] + state_grad
+            dc = cell_grad + dh * cell_factors[step]
+            # dc for the input, forget and candidate gates, dh for the output
+            # gate. (Broadcast over a gate axis instead, XLA recomputed the
+            # chain of dc through the steps: 10x slower.)
+            gate_grads[step] = derivatives[step] * tf.concat([dc, dc, dc, dh], -1)
+            cell_grad = dc * forget[step]
             if step > 0:
                 state_grad = tf.matmul(gate_grads[step], recurrent, transpose_b=True)
-        grads = tf.stack(gate_grads)  # (T, D, N, 4H)
+        # The recurrent kernels' gradient as one product per direction over
+        # all steps and sequences: (D, T*N, H)^T (D, T*N, 4H).
+        by_direction = tf.reshape(tf.stack(gate_grads, 1), (directions, -1, 4 * units))
         previous_states = tf.concat([tf.zeros_like(states[:1]), states[:-1]], 0)
-        recurrent_grad = tf.einsum("tdnh,tdng->dhg", previous_states, grads)
-        bias_grad = tf.reduce_sum(grads, [0, 2])
-        in_time_order = [tf.reverse(grads[:, d], [0]) if back else grads[:, d] for d, back in enumerate(backward)]
-        in_time_order = tf.transpose(tf.concat(in_time_order, -1), (1, 0, 2))  # (N, T, D*4H)
-        gate_grads = tf.reshape(in_time_order, (-1, len(backward) * recurrent.shape[2]))
-        return tf.cast(gate_grads, upstream.dtype), recurrent_grad, bias_grad
+        previous_states = tf.reshape(tf.transpose(previous_states, (1, 0, 2, 3)), (directions, -1, units))
+        recurrent_grad = tf.matmul(previous_states, by_direction, transpose_a=True)
+        bias_grad = tf.reduce_sum(by_direction, 1)
+        grads = tf.stack(gate_grads)  # (T, D, N, 4H)
+        in_time_order = tf.transpose(_in_processing_order(grads, backward), (2, 0, 1, 3))  # (N, T, D, 4H)
+        gate_grads = tf.reshape(in_time_order, (-1, directions * recurrent.shape[2]))
+        return tf.cast(gate_grads, dtype), recurrent_grad, bias_grad
 
     return tf.function(trained_backward_recurrence, jit_compile=True)
-
 
 # An axis of a map with fewer sequences than this (batch times the other side)
 # runs Keras' scans, one per direction, on JAX's fused route too: below it
