@@ -455,9 +455,9 @@ def tensorflow_trained_lstm(rnn, sequences):
     """A Keras LSTM (or its Bidirectional wrapper) over (N, T, C) sequences on
     TensorFlow with a gradient of its own: the input projection and, in the
     backward pass, the input and kernel gradients are whole-sequence products
-    in the compute dtype (oneDNN's, on AMX for bfloat16); the recurrences of
-    both passes are one XLA call each for every direction, their state and
-    gate gradients in float32."""
+    in the compute dtype (oneDNN's, on AMX for bfloat16); each pass's
+    recurrence is one XLA call for all directions, its state and gate
+    gradients in float32."""
     import tensorflow as tf
 
     directions = directions_of(rnn)
@@ -471,6 +471,7 @@ def tensorflow_trained_lstm(rnn, sequences):
 
 
 def _trained_lstm(x, kernel, recurrent, bias, backward):
+    """tensorflow_trained_lstm on the directions' variables, joined."""
     import tensorflow as tf
 
     dtype, steps, channels = x.dtype, x.shape[1], x.shape[2]
@@ -502,7 +503,8 @@ def _in_processing_order(sequences, backward):
 
     if not any(backward):
         return sequences
-    return tf.stack([tf.reverse(sequences[:, d], [0]) if back else sequences[:, d] for d, back in enumerate(backward)], 1)
+    directions = [tf.reverse(sequences[:, d], [0]) if back else sequences[:, d] for d, back in enumerate(backward)]
+    return tf.stack(directions, 1)
 
 
 @functools.cache
@@ -583,6 +585,7 @@ def _xla_trained_backward():
         return tf.cast(gate_grads, dtype), recurrent_grad, bias_grad
 
     return tf.function(trained_backward_recurrence, jit_compile=True)
+
 
 # An axis of a map with fewer sequences than this (batch times the other side)
 # runs Keras' scans, one per direction, on JAX's fused route too: below it
