@@ -280,8 +280,8 @@ def tensorflow_fused_lstm(rnn, sequences, training=None):
     serving), where its compilation is paid once per shape. BlockLSTM runs
     everything else: training, where its gradient kernel outruns the unrolled
     form's, and eager calls, which would pay the compilation for one call;
-    except that traced training of short sequences in bfloat16 on an AMX CPU
-    runs tensorflow_trained_lstm, whose products run in bfloat16."""
+    except that traced training of short sequences runs
+    tensorflow_trained_lstm (`tensorflow_trains_unrolled`)."""
     if tensorflow_unrolls(sequences.shape[1], training):
         return ops.squeeze(tensorflow_unrolled_lstm(rnn, ops.expand_dims(sequences, 2)), 2)
     if tensorflow_trains_unrolled(sequences.shape[1], sequences.dtype, training):
@@ -429,9 +429,9 @@ def _float32_product(a, b):
     return product(a, b)
 
 
-# Under bfloat16 on an AMX CPU, training steps sequences of up to this many
-# steps through tensorflow_trained_lstm; longer ones through BlockLSTM, which
-# was the faster at 32 steps (BENCHMARKS.md, "Issue 13, thirteenth round").
+# Training steps sequences of up to this many steps through
+# tensorflow_trained_lstm; longer ones through BlockLSTM, which was as fast at
+# 32 steps (BENCHMARKS.md, "Issue 13, thirteenth round").
 TENSORFLOW_TRAINED_MAX_STEPS = 16
 
 # None: tensorflow_trains_unrolled decides by the dtype and the CPU; tests set it.
@@ -440,15 +440,18 @@ TENSORFLOW_TRAINS_UNROLLED = None
 
 def tensorflow_trains_unrolled(steps, dtype, training=None):
     """Whether TensorFlow's fused route trains sequences of `steps` steps as
-    tensorflow_trained_lstm: traced training (fit, a tf.function) in bfloat16
-    on an AMX CPU, where BlockLSTM would train in float32."""
+    tensorflow_trained_lstm: traced training (fit, a tf.function; an eager
+    call would pay two compilations for one step) in float32, or in bfloat16
+    on a CPU with bfloat16 instructions (where BlockLSTM would train in
+    float32)."""
     import tensorflow as tf
 
     if not training or tf.executing_eagerly() or steps is None or steps > TENSORFLOW_TRAINED_MAX_STEPS:
         return False
     if TENSORFLOW_TRAINS_UNROLLED is not None:
         return TENSORFLOW_TRAINS_UNROLLED
-    return keras.backend.standardize_dtype(dtype) == "bfloat16" and cpu_has_amx()
+    dtype = keras.backend.standardize_dtype(dtype)
+    return dtype == "float32" or (dtype == "bfloat16" and bool(cpu_has_bfloat16()))
 
 
 def tensorflow_trained_lstm(rnn, sequences):
