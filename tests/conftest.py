@@ -45,3 +45,19 @@ run_once = pytest.mark.skipif(
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _tensorflow_trains_with_block_lstm(request, monkeypatch):
+    """In-process training on TensorFlow runs BlockLSTM unless a test is marked
+    `tensorflow_trained_form` or sets layers.TENSORFLOW_TRAINS_UNROLLED itself.
+    The trained form (layers.tensorflow_trained_lstm, the default for short
+    sequences) compiles two XLA programs per sequence shape, 1-3 s each, which
+    the suite's many tiny fits would pay dozens of times (the TensorFlow run
+    grew by about 25 minutes). test_routes checks the form against Keras'
+    route and BlockLSTM; the marked journeys and the command-line subprocesses
+    train with it."""
+    if keras.backend.backend() == "tensorflow" and request.node.get_closest_marker("tensorflow_trained_form") is None:
+        from keras_sequencer import layers
+
+        monkeypatch.setattr(layers, "TENSORFLOW_TRAINS_UNROLLED", False)

@@ -70,6 +70,7 @@ def logged_epochs(output):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
+@pytest.mark.tensorflow_trained_form
 def test_finetune_resumes_after_interruption(image_folder, small_start, tmp_path):
     output = tmp_path / "run"
     options = dict(weights=small_start, image_size=SIZE, batch_size=8, learning_rate=2e-3, verbose=0)
@@ -90,6 +91,7 @@ def test_finetune_resumes_after_interruption(image_folder, small_start, tmp_path
         finetune(str(image_folder), str(output), epochs=3, **options)
 
 
+@pytest.mark.tensorflow_trained_form
 def test_mixed_precision_trains_a_saved_model_in_bfloat16(image_folder, small_start, tmp_path, capsys, monkeypatch):
     """--mixed-precision from a float32 `.keras` start (which restores the
     policy it was saved with): the run trains and saves bfloat16 layers, leaves

@@ -497,6 +497,7 @@ def test_tensorflow_fused_route_unrolls_short_sequences_for_inference(rng, monke
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's training form")
+@pytest.mark.tensorflow_trained_form
 def test_tensorflow_trains_short_sequences_in_a_form_of_its_own(rng, monkeypatch):
     """Traced training runs sequences of up to
     layers.TENSORFLOW_TRAINED_MAX_STEPS steps as tensorflow_trained_lstm (one
