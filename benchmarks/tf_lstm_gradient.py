@@ -15,10 +15,16 @@ is faster). The whole model's training step:
 
     python benchmarks/ab_tensorflow.py --swap tensorflow_fused_lstm --base <a commit before the form> \\
         --train --optimizer package --policy mixed_bfloat16 --batch 16 --rounds 9
+
+Its first step (graph building and XLA compilation), in a fresh process per form:
+
+    python benchmarks/tf_lstm_gradient.py first-step block float32
+    python benchmarks/tf_lstm_gradient.py first-step trained float32
 """
 
 import os
 import sys
+import time
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -68,5 +74,31 @@ def main(argv):
     print(f"{policy} N={n} T={steps} C={channels} H={units}:", paired_summary(times, "BlockLSTM", "trained"))
 
 
+def first_step(form, policy):
+    """sequencer2d_s's first and second `train_on_batch` at 224, batch 16."""
+    import keras_sequencer as ks
+    from keras_sequencer.training import create_optimizer
+
+    layers.TENSORFLOW_TRAINS_UNROLLED = form == "trained"
+    keras.config.set_dtype_policy(policy)
+    model = ks.create_model("sequencer2d_s", input_shape=(224, 224, 3), include_preprocessing=False,
+                            classifier_activation=None)
+    keras.config.set_dtype_policy("float32")
+    model.compile(optimizer=create_optimizer(model, 1e-4, global_clipnorm=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 224, 224, 3), "float32"), rng.integers(0, 1000, 16)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    print(cpu_info())
+    print(f"{form} {policy}: first step {times[0]:.1f} s, second {times[1]:.2f} s")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1] == "first-step":
+        first_step(*sys.argv[2:4])
+    else:
+        main(sys.argv[1:])
