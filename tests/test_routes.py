@@ -138,9 +138,9 @@ def _flows(name, grid):
 # layers.TENSORFLOW_UNROLL_MAX_STEPS steps as an XLA-compiled unrolled
 # recurrence, longer ones through BlockLSTM; in training ("trained") short
 # sequences (float32, or bfloat16 on CPUs with bfloat16 instructions) as
-# tensorflow_trained_lstm, the rest through BlockLSTM. A limit of 0 puts every sequence on BlockLSTM and
-# TENSORFLOW_TRAINS_UNROLLED pins the training form, so every form meets the
-# same checks on small grids, in any dtype, on any CPU.
+# tensorflow_trained_lstm, the rest through BlockLSTM. A limit of 0 puts every
+# sequence on BlockLSTM and TENSORFLOW_TRAINS_UNROLLED pins the training form,
+# so every form meets the same checks on small grids, in any dtype, on any CPU.
 FUSED_FORMS = ["unrolled", "block", "trained"] if BACKEND == "tensorflow" else ["unrolled"]
 
 
