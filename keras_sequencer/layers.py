@@ -318,20 +318,30 @@ def tensorflow_unrolled_lstm(rnn, x):
 
     directions = directions_of(rnn)
     dtype = x.dtype
-    # The variables themselves: inside a mixed-precision call Keras' value is a
-    # bfloat16 copy.
-    kernel = tf.concat([ops.cast(keras_compat.stored_value(d.cell.kernel), dtype) for d in directions], -1)
-    bias = tf.concat([ops.cast(keras_compat.stored_value(d.cell.bias), dtype) for d in directions], -1)
-    recurrent = tf.stack([ops.cast(keras_compat.stored_value(d.cell.recurrent_kernel), dtype) for d in directions])
+    kernel, recurrent, bias = _joined_lstm_variables(directions, dtype)
     shape = tf.shape(x)
     projected = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel)
     if tensorflow_plain_bfloat16_products(dtype):
-        bias = tf.reshape(tf.cast(bias, "float32"), (len(directions), -1))  # added to the gates in XLA
+        bias = tf.cast(bias, "float32")  # added to the gates in XLA
     else:
-        projected, bias = tf.nn.bias_add(projected, bias), None
+        projected, bias = tf.nn.bias_add(projected, tf.reshape(bias, (-1,))), None
     projected = tf.reshape(projected, (shape[0], x.shape[1], shape[2], len(directions), 4 * recurrent.shape[1]))
     backward = [d.go_backwards for d in directions]
     return _xla_recurrence()(projected, recurrent, backward, bias)
+
+
+def _joined_lstm_variables(directions, dtype):
+    """The directions' LSTM variables in `dtype`: kernels (C, D*4H) side by
+    side, recurrent kernels (D, H, 4H) and biases (D, 4H) stacked. The
+    variables themselves, read here (inside a mixed-precision call Keras'
+    value is a bfloat16 copy)."""
+    import tensorflow as tf
+
+    kernel, recurrent, bias = (
+        [ops.cast(keras_compat.stored_value(getattr(d.cell, name)), dtype) for d in directions]
+        for name in ("kernel", "recurrent_kernel", "bias")
+    )
+    return tf.concat(kernel, -1), tf.stack(recurrent), tf.stack(bias)
 
 
 @functools.cache
@@ -461,16 +471,10 @@ def tensorflow_trained_lstm(rnn, sequences):
     in the compute dtype (oneDNN's, on AMX for bfloat16); each pass's
     recurrence is one XLA call for all directions, its state and gate
     gradients in float32."""
-    import tensorflow as tf
-
     directions = directions_of(rnn)
-    # The variables themselves, read here so that the tape sees the reads.
-    kernel, recurrent, bias = (
-        [ops.cast(keras_compat.stored_value(getattr(d.cell, name)), "float32") for d in directions]
-        for name in ("kernel", "recurrent_kernel", "bias")
-    )
     backward = tuple(d.go_backwards for d in directions)
-    return _trained_lstm(sequences, tf.concat(kernel, -1), tf.stack(recurrent), tf.stack(bias), backward)
+    # Read outside the custom gradient, so that the tape sees the reads.
+    return _trained_lstm(sequences, *_joined_lstm_variables(directions, "float32"), backward)
 
 
 def _trained_lstm(x, kernel, recurrent, bias, backward):
