@@ -206,11 +206,21 @@ def test_torch_square_maps_step_all_four_lstms_together(side, rng):
         assert np.abs(results["fused"] - results["keras"]).max() <= TOLERANCE
 
 
+def _small_classifier(policy="float32"):
+    """A one-block Sequencer2D on the fused route for 8x8 inputs and 3 classes,
+    built under `policy` (the global policy is restored)."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        return ks.Sequencer2D(
+            layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
+            input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
 def test_fused_route_trains_a_model(rng, fused_form):
-    model = ks.Sequencer2D(
-        layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
-        input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
-    )
+    model = _small_classifier()
     assert model.get_layer("stages_0_blocks_0").rnn_tokens.selected_route == "fused"
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
     x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
@@ -410,14 +420,7 @@ def test_mixed_bfloat16_fused_route_trains_on_tensorflow(plain, rng, monkeypatch
     from keras_sequencer import layers as layers_module
 
     monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", plain)
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        model = ks.Sequencer2D(
-            layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
-            input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
-        )
-    finally:
-        keras.config.set_dtype_policy("float32")
+    model = _small_classifier("mixed_bfloat16")
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
     x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 3, 32), 3)
@@ -543,17 +546,7 @@ def test_tensorflow_trained_form_steps_a_model_as_block_lstm_does(policy, rng, m
 
     x = rng.normal(size=(16, 8, 8, 3)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 3, 16), 3)
-    keras.config.set_dtype_policy(policy)
-    try:
-        models = [
-            ks.Sequencer2D(
-                layers=[1], patch_sizes=[2], embed_dims=[8], hidden_sizes=[4], mlp_ratios=[2],
-                input_shape=(8, 8, 3), include_preprocessing=False, classes=3, rnn_route="fused",
-            )
-            for _ in range(2)
-        ]
-    finally:
-        keras.config.set_dtype_policy("float32")
+    models = [_small_classifier(policy) for _ in range(2)]
     models[1].set_weights(models[0].get_weights())
     kernel_path = "stages_0_blocks_0/rnn_tokens/rnn_v/forward_rnn_v_forward/lstm_cell/kernel"
     results = []
