@@ -439,10 +439,10 @@ def _float32_product(a, b):
     return product(a, b)
 
 
-# Training steps sequences of up to this many steps through
-# tensorflow_trained_lstm; longer ones through BlockLSTM, which was as fast at
-# 32 steps (BENCHMARKS.md, "Issue 13, thirteenth round").
-TENSORFLOW_TRAINED_MAX_STEPS = 16
+# Training steps sequences of up to this many steps (every stage of
+# sequencer2d at 224) through tensorflow_trained_lstm; longer ones through
+# BlockLSTM, as its XLA programs unroll the steps.
+TENSORFLOW_TRAINED_MAX_STEPS = 32
 
 # None: tensorflow_trains_unrolled decides by the dtype and the CPU; tests set it.
 TENSORFLOW_TRAINS_UNROLLED = None
