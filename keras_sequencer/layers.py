@@ -444,22 +444,28 @@ def _float32_product(a, b):
 # BlockLSTM, as its XLA programs unroll the steps.
 TENSORFLOW_TRAINED_MAX_STEPS = 32
 
-# None: tensorflow_trains_unrolled decides by the dtype and the CPU; tests set it.
+# None: tensorflow_trains_unrolled decides by the dtype and the CPU. False:
+# training runs BlockLSTM and Keras' LayerNorm (tests set it).
 TENSORFLOW_TRAINS_UNROLLED = None
+
+
+def _traced_training(training):
+    """Where TensorFlow's fused route may train in forms of its own, XLA
+    programs compiled once per shape: traced training (fit, a tf.function; an
+    eager call would pay the compilations for one step)."""
+    import tensorflow as tf
+
+    return bool(training) and not tf.executing_eagerly() and TENSORFLOW_TRAINS_UNROLLED is not False
 
 
 def tensorflow_trains_unrolled(steps, dtype, training=None):
     """Whether TensorFlow's fused route trains sequences of `steps` steps as
-    tensorflow_trained_lstm: traced training (fit, a tf.function; an eager
-    call would pay two compilations for one step) in float32, or in bfloat16
-    on a CPU with bfloat16 instructions (where BlockLSTM would train in
-    float32)."""
-    import tensorflow as tf
-
-    if not training or tf.executing_eagerly() or steps is None or steps > TENSORFLOW_TRAINED_MAX_STEPS:
+    tensorflow_trained_lstm: traced training in float32, or in bfloat16 on a
+    CPU with bfloat16 instructions (where BlockLSTM would train in float32)."""
+    if not _traced_training(training) or steps is None or steps > TENSORFLOW_TRAINED_MAX_STEPS:
         return False
-    if TENSORFLOW_TRAINS_UNROLLED is not None:
-        return TENSORFLOW_TRAINS_UNROLLED
+    if TENSORFLOW_TRAINS_UNROLLED:
+        return True
     dtype = keras.backend.standardize_dtype(dtype)
     return dtype == "float32" or (dtype == "bfloat16" and bool(cpu_has_bfloat16()))
 
@@ -651,11 +657,12 @@ def jax_fused_lstm(rnn, x, time_axis):
 
 
 def tensorflow_xla_norm_applies(block, training=None):
-    """Whether a block's LayerNorms run as tensorflow_layer_norm: TensorFlow's
-    fused route in traced inference, as for the unrolled recurrence."""
+    """Whether a block's LayerNorms run in XLA on TensorFlow's fused route:
+    as tensorflow_layer_norm in traced inference, as for the unrolled
+    recurrence, and as tensorflow_trained_layer_norm in traced training."""
     if keras.backend.backend() != "tensorflow" or block.rnn_tokens.selected_route != "fused":
         return False
-    return _traced_inference(training)
+    return _traced_inference(training) or _traced_training(training)
 
 
 def tensorflow_layer_norm(norm, x):
@@ -676,20 +683,92 @@ def _xla_layer_norm(epsilon):
     return tf.function(layer_norm, jit_compile=True)
 
 
+def tensorflow_trained_layer_norm(norm, x):
+    """tensorflow_layer_norm for traced training, with a gradient of its own:
+    one XLA call forward and one backward (Keras' form trains as about twenty
+    separate passes over the tensor, BENCHMARKS.md). The statistics and the
+    gradients in float32; the input's gradient in the dtype of `x`."""
+    import tensorflow as tf
+
+    gamma, beta = (tf.convert_to_tensor(keras_compat.stored_value(w)) for w in (norm.gamma, norm.beta))
+    epsilon = float(norm.epsilon)
+
+    @tf.custom_gradient
+    def layer_norm(x, gamma, beta):
+        y, mean, inverse = _xla_trained_norm_forward(epsilon)(x, gamma, beta)
+
+        def gradient(upstream):
+            return _xla_trained_norm_backward()(upstream, x, mean, inverse, gamma)
+
+        return y, gradient
+
+    return layer_norm(x, gamma, beta)
+
+
+@functools.cache
+def _xla_trained_norm_forward(epsilon):
+    import tensorflow as tf
+
+    def trained_layer_norm_forward(x, gamma, beta):
+        # Returns the output and, for the backward pass, each row's mean and
+        # 1 / standard deviation.
+        y = tf.cast(x, "float32")
+        mean, inverse = _float32_moments(y, epsilon)
+        return tf.cast((y - mean) * (inverse * gamma) + beta, x.dtype), mean, inverse
+
+    return tf.function(trained_layer_norm_forward, jit_compile=True)
+
+
+@functools.cache
+def _xla_trained_norm_backward():
+    import tensorflow as tf
+
+    def trained_layer_norm_backward(upstream, x, mean, inverse, gamma):
+        upstream = tf.cast(upstream, "float32")
+        normalized = (tf.cast(x, "float32") - mean) * inverse
+        normalized_grad = upstream * gamma
+        x_grad = inverse * (
+            normalized_grad
+            - _channel_mean(normalized_grad)
+            - normalized * _channel_mean(normalized_grad * normalized)
+        )
+        # The sums over rows as one product with a row of ones: XLA's CPU
+        # reductions over the leading axes ran several times slower.
+        channels = x.shape[-1]
+        both = tf.reshape(tf.concat([upstream * normalized, upstream], -1), (-1, 2 * channels))
+        sums = tf.matmul(tf.ones((1, tf.shape(both)[0])), both)
+        return tf.cast(x_grad, x.dtype), sums[0, :channels], sums[0, channels:]
+
+    return tf.function(trained_layer_norm_backward, jit_compile=True)
+
+
+def _channel_mean(y):
+    """The mean over the last axis, kept as an axis of 1, as a product with a
+    (C, 1) vector of 1/C: XLA's CPU reductions over the last axis ran slower
+    (BENCHMARKS.md, ninth round)."""
+    import tensorflow as tf
+
+    channels = y.shape[-1]
+    average = tf.fill((channels, 1), 1.0 / channels)
+    mean = tf.matmul(tf.reshape(y, (-1, channels)), average)
+    return tf.reshape(mean, tf.concat([tf.shape(y)[:-1], [1]], 0))
+
+
+def _float32_moments(y, epsilon):
+    """Each row's mean and 1 / sqrt(variance + epsilon) over the last axis."""
+    import tensorflow as tf
+
+    mean = _channel_mean(y)
+    return mean, tf.math.rsqrt(_channel_mean(tf.square(y - mean)) + epsilon)
+
+
 def _float32_layer_norm(x, gamma, beta, epsilon):
     """LayerNorm over the last axis in float32, as TensorFlow ops for XLA."""
     import tensorflow as tf
 
     y = tf.cast(x, "float32")
-    channels = y.shape[-1]
-    # The channel means as products with a (C, 1) vector of 1/C: XLA's
-    # CPU reductions over the last axis ran slower (BENCHMARKS.md, ninth round).
-    average = tf.fill((channels, 1), 1.0 / channels)
-    rows, stats_shape = (-1, channels), tf.concat([tf.shape(y)[:-1], [1]], 0)
-    mean = tf.reshape(tf.matmul(tf.reshape(y, rows), average), stats_shape)
-    centered = y - mean
-    variance = tf.reshape(tf.matmul(tf.reshape(tf.square(centered), rows), average), stats_shape)
-    return centered * (tf.math.rsqrt(variance + epsilon) * gamma) + beta
+    mean, inverse = _float32_moments(y, epsilon)
+    return (y - mean) * (inverse * gamma) + beta
 
 
 def _tensorflow_block_lstm(rnn, sequences):
@@ -1286,7 +1365,8 @@ def tensorflow_fused_block_applies(block, training=None):
     mixer's fc and MLP float32 or mixed_bfloat16 Dense layers without LoRA."""
     fc = block.rnn_tokens.fc
     return (
-        tensorflow_xla_norm_applies(block, training)
+        _traced_inference(training)
+        and tensorflow_xla_norm_applies(block, training)
         and tensorflow_fused_mlp_applies(block)
         and fc is not None
         and fc.dtype_policy.name == block.fc1.dtype_policy.name
@@ -1709,8 +1789,8 @@ class Sequencer2DBlock(layers.Layer):
         dropout = self.mlp_dropout if training and self.drop_rate > 0 else _identity
         norm1, norm2 = self.norm1, self.norm2
         if tensorflow_xla_norm_applies(self, training):
-            norm1 = functools.partial(tensorflow_layer_norm, self.norm1)
-            norm2 = functools.partial(tensorflow_layer_norm, self.norm2)
+            layer_norm = tensorflow_trained_layer_norm if training else tensorflow_layer_norm
+            norm1, norm2 = functools.partial(layer_norm, self.norm1), functools.partial(layer_norm, self.norm2)
         x = x + drop_path(self.rnn_tokens(norm1(x)), training=training)
         if dropout is _identity and tensorflow_fused_mlp_applies(self):
             y = tensorflow_fused_mlp(self.fc1, self.fc2, norm2(x))

@@ -535,6 +535,50 @@ def test_tensorflow_trains_short_sequences_in_a_form_of_its_own(rng, monkeypatch
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's training form")
+@pytest.mark.tensorflow_trained_form
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_tensorflow_trains_layer_norms_in_a_form_of_their_own(policy, rng, monkeypatch):
+    """Traced training runs a block's two LayerNorms as
+    tensorflow_trained_layer_norm, one XLA-compiled call each; eager training
+    and training with the forms pinned off run Keras' layers. The block's
+    output and every gradient (the input's, the LayerNorms' scales and offsets
+    among them) equal those through Keras' LayerNorm: float32 to 1e-5 of
+    their scale, mixed_bfloat16 within bfloat16's rounding."""
+    from unittest import mock
+
+    from keras_sequencer import layers as layers_module
+
+    monkeypatch.setattr(layers_module, "cpu_has_bfloat16", lambda: True)
+    block = _block(rng, hidden=4, rnn_route="fused", dtype=policy)
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+
+    def trained_norms():
+        compiled = _xla_compiled_functions(_traced_operations(lambda a: block(a, training=True), x))
+        return sum("trained_layer_norm_forward" in name for name in compiled)
+
+    assert trained_norms() == 2
+    with mock.patch.object(layers_module, "tensorflow_trained_layer_norm", side_effect=AssertionError):
+        block(x, training=True)  # eager: no compilation for one call
+        monkeypatch.setattr(layers_module, "TENSORFLOW_TRAINS_UNROLLED", False)
+        assert trained_norms() == 0
+    monkeypatch.setattr(layers_module, "TENSORFLOW_TRAINS_UNROLLED", None)
+
+    weights = rng.normal(size=x.shape).astype("float32")
+    trained = _outputs_and_gradients(block, x, weights, training=True)
+    # The same traced training step, the LSTMs in the same form, Keras' LayerNorms.
+    monkeypatch.setattr(layers_module, "tensorflow_xla_norm_applies", lambda *args: False)
+    expected = _outputs_and_gradients(block, x, weights, training=True)
+    tolerance = TOLERANCE if policy == "float32" else 16 * 2.0**-8
+    names = ["outputs", "d inputs"] + [v.path for v in block.trainable_variables]
+    assert any("norm1/gamma" in name for name in names) and any("norm2/beta" in name for name in names)
+    for name, a, b in zip(names, trained, expected):
+        a, b = a.astype("float32"), b.astype("float32")
+        scale = np.abs(b).max()
+        assert scale > 1e-3, name
+        assert np.abs(a - b).max() <= tolerance * scale, (name, np.abs(a - b).max(), scale)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's training form")
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_tensorflow_trained_form_steps_a_model_as_block_lstm_does(policy, rng, monkeypatch):
     """fit's train step from the same weights: the trained form gives
