@@ -152,6 +152,8 @@ def main():
         write({**common, "train_step": True, **train(args)}, f"bf16_cpu_train_{common['backend']}.json")
         return
     state = reference_state()
+    net = timm.create_model("sequencer2d_s").eval()
+    net.load_state_dict(state)
     fp32, bf16 = keras_model(state, "float32", args.size), keras_model(state, "mixed_bfloat16", args.size)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
