@@ -732,12 +732,8 @@ def _xla_trained_norm_backward():
             - _channel_mean(normalized_grad)
             - normalized * _channel_mean(normalized_grad * normalized)
         )
-        # The sums over rows as one product with a row of ones: XLA's CPU
-        # reductions over the leading axes ran several times slower.
-        channels = x.shape[-1]
-        both = tf.reshape(tf.concat([upstream * normalized, upstream], -1), (-1, 2 * channels))
-        sums = tf.matmul(tf.ones((1, tf.shape(both)[0])), both)
-        return tf.cast(x_grad, x.dtype), sums[0, :channels], sums[0, channels:]
+        gamma_grad, beta_grad = tf.split(_row_sums(tf.concat([upstream * normalized, upstream], -1)), 2)
+        return tf.cast(x_grad, x.dtype), gamma_grad, beta_grad
 
     return tf.function(trained_layer_norm_backward, jit_compile=True)
 
@@ -1349,7 +1345,7 @@ def tensorflow_fused_mlp(fc1, fc2, x, residual=None):
     dtype = x.dtype
     shape = tf.shape(x)
     if tensorflow_plain_bfloat16_products(dtype):
-        bias_gelu, bias_add = _xla_bias_gelu(), _xla_bias_add()
+        bias_gelu, bias_add = _bias_gelu, _bias_add
     else:
         bias_gelu, bias_add = lambda y, bias: _erf_gelu(tf.nn.bias_add(y, bias)), tf.nn.bias_add
     y = tf.reshape(x, (-1, x.shape[-1]))
@@ -1448,6 +1444,61 @@ def _xla_bias_add():
     import tensorflow as tf
 
     return tf.function(lambda y, bias: y + bias, jit_compile=True)
+
+
+def _bias_gelu(y, bias):
+    """_xla_bias_gelu with a gradient of its own, one XLA call too."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def bias_gelu(y, bias):
+        return _xla_bias_gelu()(y, bias), lambda upstream: _xla_bias_gelu_gradient()(upstream, y, bias)
+
+    return bias_gelu(y, bias)
+
+
+@functools.cache
+def _xla_bias_gelu_gradient():
+    import tensorflow as tf
+
+    def bias_gelu_gradient(upstream, y, bias):
+        z = tf.cast(y, "float32") + tf.cast(bias, "float32")
+        slope = (tf.math.erf(z * 0.7071067811865476) + 1.0) * 0.5 + z * tf.exp(-0.5 * z * z) * 0.3989422804014327
+        z_grad = tf.cast(upstream, "float32") * slope
+        return tf.cast(z_grad, y.dtype), tf.cast(_row_sums(z_grad), bias.dtype)
+
+    return tf.function(bias_gelu_gradient, jit_compile=True)
+
+
+def _bias_add(y, bias):
+    """_xla_bias_add with a gradient of its own: the bias's as one XLA call."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def bias_add(y, bias):
+        return _xla_bias_add()(y, bias), lambda upstream: (upstream, _xla_bias_gradient()(upstream, bias.dtype))
+
+    return bias_add(y, bias)
+
+
+@functools.cache
+def _xla_bias_gradient():
+    import tensorflow as tf
+
+    def bias_gradient(upstream, dtype):
+        return tf.cast(_row_sums(tf.cast(upstream, "float32")), dtype)
+
+    return tf.function(bias_gradient, jit_compile=True)
+
+
+def _row_sums(y):
+    """The sums of a float32 tensor over every axis but the last, as a product
+    with a row of ones: XLA's CPU reductions over leading axes ran several
+    times slower (BENCHMARKS.md, "Issue 13, fourteenth round")."""
+    import tensorflow as tf
+
+    rows = tf.reshape(y, (-1, y.shape[-1]))
+    return tf.matmul(tf.ones((1, tf.shape(rows)[0])), rows)[0]
 
 
 def gelu_exact(x):

@@ -315,6 +315,55 @@ def test_tensorflow_plain_bfloat16_products_leave_no_bias_on_a_matmul(plain, rng
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
+def test_tensorflow_bias_gelu_and_bias_gradients_are_autodiffs(rng):
+    """The plain-product MLP's XLA bias + GELU and bias add carry gradients of
+    their own (the bias's as a product with a row of ones): in float32 equal
+    to TensorFlow's autodiff of the same formulas to 1e-5 of their scale."""
+    import tensorflow as tf
+
+    from keras_sequencer import layers as layers_module
+
+    y = tf.constant(rng.normal(scale=2.0, size=(3, 5, 12)).astype("float32"))
+    bias = tf.constant(rng.normal(size=(12,)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(3, 5, 12)).astype("float32"))
+    pairs = [
+        (layers_module._bias_gelu, lambda a, b: layers_module._erf_gelu(a + b)),
+        (layers_module._bias_add, lambda a, b: a + b),
+    ]
+    for fn, formula in pairs:
+        results = []
+        for f in (tf.function(fn), formula):
+            with tf.GradientTape() as tape:
+                tape.watch([y, bias])
+                outputs = f(y, bias)
+            results.append([outputs, *tape.gradient(outputs, [y, bias], output_gradients=upstream)])
+        for name, a, b in zip(["outputs", "d y", "d bias"], *results):
+            assert np.abs(a.numpy() - b.numpy()).max() <= TOLERANCE * np.abs(b.numpy()).max(), (fn.__name__, name)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
+def test_tensorflow_plain_bfloat16_block_trains_as_keras_layers_do(rng, monkeypatch):
+    """In traced training a mixed_bfloat16 block with plain products (MatMuls,
+    the biases and GELU in XLA) gives the output and every gradient of the same
+    block through Keras' Dense layers, within bfloat16's rounding."""
+    from keras_sequencer import layers as layers_module
+
+    monkeypatch.setattr(layers_module, "TENSORFLOW_PLAIN_BFLOAT16_PRODUCTS", True)
+    block = _block(rng, hidden=4, rnn_route="fused", dtype="mixed_bfloat16")
+    x = rng.normal(size=(2, 5, 7, 10)).astype("float32")
+    weights = rng.normal(size=x.shape).astype("float32")
+    plain = _outputs_and_gradients(block, x, weights, training=True)
+    monkeypatch.setattr(layers_module, "tensorflow_fused_mlp_applies", lambda *args: False)
+    expected = _outputs_and_gradients(block, x, weights, training=True)
+    names = ["outputs", "d inputs"] + [v.path for v in block.trainable_variables]
+    assert any("fc1/bias" in name for name in names) and any("fc2/bias" in name for name in names)
+    for name, a, b in zip(names, plain, expected):
+        a, b = a.astype("float32"), b.astype("float32")
+        assert np.abs(b).max() > 1e-3, name
+        assert np.abs(a - b).max() <= 16 * 2.0**-8 * np.abs(b).max(), (name, np.abs(a - b).max())
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's bfloat16 products")
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "float32"])
 def test_tensorflow_plain_bfloat16_block_joins_biases_and_residuals(policy, rng, monkeypatch):
     """With plain bfloat16 products a block in traced inference adds the
