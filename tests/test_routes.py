@@ -585,14 +585,14 @@ def test_tensorflow_trains_short_sequences_in_a_form_of_its_own(rng, monkeypatch
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's training form")
 @pytest.mark.tensorflow_trained_form
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_tensorflow_trains_layer_norms_in_a_form_of_their_own(policy, rng, monkeypatch):
     """Traced training runs a block's two LayerNorms as
     tensorflow_trained_layer_norm, one XLA-compiled call each; eager training
     and training with the forms pinned off run Keras' layers. The block's
     output and every gradient (the input's, the LayerNorms' scales and offsets
     among them) equal those through Keras' LayerNorm: float32 to 1e-5 of
-    their scale, mixed_bfloat16 within bfloat16's rounding."""
+    their scale, mixed precision within the compute dtype's rounding."""
     from unittest import mock
 
     from keras_sequencer import layers as layers_module
@@ -617,7 +617,7 @@ def test_tensorflow_trains_layer_norms_in_a_form_of_their_own(policy, rng, monke
     # The same traced training step, the LSTMs in the same form, Keras' LayerNorms.
     monkeypatch.setattr(layers_module, "tensorflow_xla_norm_applies", lambda *args: False)
     expected = _outputs_and_gradients(block, x, weights, training=True)
-    tolerance = TOLERANCE if policy == "float32" else 16 * 2.0**-8
+    tolerance = {"float32": TOLERANCE, "mixed_bfloat16": 16 * 2.0**-8, "mixed_float16": 16 * 2.0**-11}[policy]
     names = ["outputs", "d inputs"] + [v.path for v in block.trainable_variables]
     assert any("norm1/gamma" in name for name in names) and any("norm2/beta" in name for name in names)
     for name, a, b in zip(names, trained, expected):
