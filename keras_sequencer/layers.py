@@ -1463,6 +1463,7 @@ def _xla_bias_gelu_gradient():
 
     def bias_gelu_gradient(upstream, y, bias):
         z = tf.cast(y, "float32") + tf.cast(bias, "float32")
+        # d/dz z * Phi(z) = Phi(z) + z * phi(z), the normal's CDF and density.
         slope = (tf.math.erf(z * 0.7071067811865476) + 1.0) * 0.5 + z * tf.exp(-0.5 * z * z) * 0.3989422804014327
         z_grad = tf.cast(upstream, "float32") * slope
         return tf.cast(z_grad, y.dtype), tf.cast(_row_sums(z_grad), bias.dtype)
