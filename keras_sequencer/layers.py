@@ -1361,8 +1361,8 @@ def tensorflow_fused_block_applies(block, training=None):
     mixer's fc and MLP float32 or mixed_bfloat16 Dense layers without LoRA."""
     fc = block.rnn_tokens.fc
     return (
-        _traced_inference(training)
-        and tensorflow_xla_norm_applies(block, training)
+        tensorflow_xla_norm_applies(block, training)  # first: on other backends, no TensorFlow import
+        and _traced_inference(training)
         and tensorflow_fused_mlp_applies(block)
         and fc is not None
         and fc.dtype_policy.name == block.fc1.dtype_policy.name
