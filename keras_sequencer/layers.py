@@ -159,10 +159,12 @@ def select_route(route, rnn_type="lstm"):
     TensorFlow's BlockLSTM or an XLA-compiled unrolled loop on TensorFlow, and
     one scan over both directions of an axis on JAX (`jax_fused_lstm`); the
     last two for LSTM only.
-    "auto": "fused" where there is no GPU and the backend has the kernel (torch;
-    TensorFlow and JAX for LSTM), else "keras", so GPUs keep cuDNN. On CPU fused
-    is the faster route (BENCHMARKS.md, "Where the time goes, and what was
-    tried", and "Issue 13, eighth round" for JAX).
+    "auto": "fused" on torch (on a GPU its kernel is cuDNN, as Keras' own
+    loop runs there, and a block then makes one Keras layer call instead of
+    seven), and for LSTMs on TensorFlow and JAX where there is no GPU; else
+    "keras", so TensorFlow and JAX GPUs keep Keras' cuDNN. On CPU fused is the
+    faster route (BENCHMARKS.md, "Where the time goes, and what was tried",
+    "Issue 13, eighth round" for JAX, and "fifteenth round" for torch GPUs).
     """
     if route not in ROUTES:
         raise ValueError(f"Unrecognized route: {route!r}. Expected one of {ROUTES}.")
@@ -176,7 +178,7 @@ def select_route(route, rnn_type="lstm"):
         )
     if route != "auto":
         return route
-    if not fused_available or has_gpu():
+    if not fused_available or (backend != "torch" and has_gpu()):
         return "keras"
     return "fused"
 
@@ -1306,20 +1308,27 @@ def _torch_block(block, x):
 
 def _torch_block_bfloat16(block, x):
     """_torch_block under mixed_bfloat16, for inference: the per-layer path's
-    arithmetic (LayerNorm in float32, the rest in bfloat16) on weights cast once.
-    ATen's LayerNorm takes the bfloat16 map with float32 weights and computes in
-    float32 itself: no float32 copy of the map."""
+    arithmetic (LayerNorm in float32, the rest in bfloat16) on weights cast once."""
     import torch
-    import torch.nn.functional as F
 
     weights = _bfloat16_weights(block)
     _, tokens, *_, n1, n2, _, _ = _fused_sublayers(block)
     x = x.to(torch.bfloat16)
-    shape = (x.shape[-1],)
-    y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
-    x = _torch_bilstm2d(tokens, y, bfloat16=weights, residual=x)
-    y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
-    return _linear(_linear(y, *weights.fc1, gelu=True), *weights.fc2, residual=x)
+    x = _torch_bilstm2d(tokens, _bfloat16_layer_norm(x, n1), bfloat16=weights, residual=x)
+    return _linear(_linear(_bfloat16_layer_norm(x, n2), *weights.fc1, gelu=True), *weights.fc2, residual=x)
+
+
+def _bfloat16_layer_norm(x, norm):
+    """A float32 LayerNorm of a bfloat16 map, rounded to bfloat16. ATen's CPU
+    kernel takes the bfloat16 map with float32 weights and computes in float32
+    itself (no float32 copy of the map); its CUDA kernel wants the weights in
+    the map's dtype, so there the map goes to float32 first: the same result."""
+    import torch.nn.functional as F
+
+    shape, gamma, beta = (x.shape[-1],), norm.gamma.value, norm.beta.value
+    if x.device.type == "cpu":
+        return F.layer_norm(x, shape, gamma, beta, norm.epsilon)
+    return F.layer_norm(x.float(), shape, gamma, beta, norm.epsilon).to(x.dtype)
 
 
 def tensorflow_fused_mlp_applies(block):

@@ -20,9 +20,7 @@ def _expected_auto_route(rnn_type="lstm"):
     if not _has_fused(rnn_type):
         return "keras"
     if BACKEND == "torch":
-        import torch
-
-        return "keras" if torch.cuda.is_available() else "fused"
+        return "fused"  # cuDNN on a GPU, as Keras' loop
     if BACKEND == "jax":
         import jax
 
@@ -41,6 +39,16 @@ def test_auto_route_is_selected_and_visible_in_the_config():
     block = ks.Sequencer2DBlock(4, rnn_route="keras")
     assert block.get_config()["rnn_route"] == "keras"
     assert ks.Sequencer2DBlock.from_config(block.get_config()).rnn_tokens.selected_route == "keras"
+
+
+def test_auto_route_on_a_gpu(monkeypatch):
+    """On a GPU torch's fused kernel is cuDNN, as Keras' own loop there: "auto"
+    stays fused (one layer call per block); TensorFlow and JAX keep Keras'
+    cuDNN LSTMs."""
+    monkeypatch.setattr(ks.layers, "has_gpu", lambda: True)
+    expected = "fused" if BACKEND == "torch" else "keras"
+    assert ks.BiLSTM2D(4).selected_route == expected
+    assert ks.Sequencer2DBlock(4).rnn_tokens.selected_route == expected
 
 
 def test_route_errors():
@@ -1020,6 +1028,24 @@ def test_bfloat16_whole_block_form_for_inference(kwargs, rng, block_form):
     half = _block(rng, rnn_route="fused", dtype="mixed_float16")
     with torch.no_grad():
         assert "dtype policy or quantization" in ks.layers.fused_call_blockers(half, inputs=x)
+
+
+@torch_only
+def test_bfloat16_layer_norm_off_the_cpu_is_the_cpu_kernels_result(rng):
+    """The bfloat16 block form's LayerNorm: off the CPU (CUDA wants the weights
+    in the map's dtype) it normalizes a float32 copy and rounds; on the CPU
+    ATen's mixed-dtype kernel computes in float32 itself. Bit for bit the same."""
+    import torch
+    import torch.nn.functional as F
+
+    norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype="mixed_bfloat16")
+    norm.build((None, 48))
+    norm.gamma.assign(rng.normal(1.0, 0.3, 48).astype("float32"))
+    norm.beta.assign(rng.normal(0.0, 0.3, 48).astype("float32"))
+    x = torch.from_numpy(rng.normal(2.0, 3.0, (4, 5, 6, 48)).astype("float32")).to(torch.bfloat16)
+    cpu = ks.layers._bfloat16_layer_norm(x, norm)
+    upcast = F.layer_norm(x.float(), (48,), norm.gamma.value, norm.beta.value, 1e-6).to(torch.bfloat16)
+    assert cpu.dtype == torch.bfloat16 and torch.equal(cpu, upcast)
 
 
 def test_stored_value_is_the_variable_not_an_autocast_copy():

@@ -271,7 +271,7 @@ BUILDER_DOC = """Instantiates the {variant} architecture (Tatsunami & Taki, Neur
         drop_path_rate: stochastic depth rate of the last block (linear schedule).
         rnn_route: how the BiLSTM2D layers run: "auto" (default), "keras" (Keras'
             own loops; cuDNN on GPU) or "fused" (the backend's fused sequence
-            kernels: torch, and TensorFlow for LSTM). Same weights and results
+            kernels: torch, and TensorFlow and JAX for LSTM). Same weights and results
             either way; see `layers.select_route`.
 
     Returns:
