@@ -4,7 +4,10 @@
 # dependencies as wheels, downloaded here first (not committed):
 #   pip download keras==3.15.1 -d benchmarks/wheels --only-binary=:all: \
 #       --platform manylinux_2_28_x86_64 --python-version 3.12   # per Python version
-#   bash benchmarks/gpu.sh            -> $OUT/ (or benchmarks/results/)
+#   bash benchmarks/gpu.sh [PHASE...]  -> $OUT/ (or benchmarks/results/)
+# PHASE: parity, inference, train (default: all three). A lent machine's 15
+# minutes fit `parity inference` (about 4 min) and `train` (about 6 min; JAX's
+# training steps compile for about 40 s each) as two calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
@@ -17,11 +20,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   KERAS_BACKEND=torch python -c "import sys, torch, jax, timm, keras; print(sys.version.split()[0], 'torch', torch.__version__, 'jax', jax.__version__, 'timm', timm.__version__, 'keras', keras.__version__, jax.devices())"
 } 2>&1 | tee "$OUT_DIR/gpu_device.txt"
+PHASES="${*:-parity inference train}"
 # Parity: Keras on the GPU (every route) vs timm fp32; bf16 vs fp32; route gradients.
-for backend in torch jax; do
-    KERAS_BACKEND=$backend timeout 120 python benchmarks/gpu_bench.py parity 2>&1 |
-        grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$OUT_DIR/gpu_parity.txt"
-done
+if [[ " $PHASES " == *" parity "* ]]; then
+    for backend in torch jax; do
+        KERAS_BACKEND=$backend timeout 120 python benchmarks/gpu_bench.py parity 2>&1 |
+            grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$OUT_DIR/gpu_parity.txt"
+    done
+fi
 # Throughput at batch 64 and 256, fp32 and bf16 (timm with autocast for bf16).
-timeout "${THROUGHPUT_TIMEOUT:-290}" python benchmarks/gpu_bench.py throughput --out "$OUT_DIR/gpu.json" 2>&1 |
-    grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT_DIR/gpu_throughput.txt"
+if [[ " $PHASES " == *" inference "* ]]; then
+    timeout "${THROUGHPUT_TIMEOUT:-290}" python benchmarks/gpu_bench.py throughput --out "$OUT_DIR/gpu.json" 2>&1 |
+        grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT_DIR/gpu_throughput.txt"
+fi
+# Training steps, the same engines and cells.
+if [[ " $PHASES " == *" train "* ]]; then
+    timeout "${TRAIN_TIMEOUT:-480}" python benchmarks/gpu_bench.py throughput --train --seconds 2 \
+        --out "$OUT_DIR/gpu_train.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT_DIR/gpu_train.txt"
+fi

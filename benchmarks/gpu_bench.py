@@ -3,12 +3,23 @@ against timm, on one lent GPU (the device image has torch, JAX and timm; no
 TensorFlow).
 
     KERAS_BACKEND=torch python benchmarks/gpu_bench.py parity
-    python benchmarks/gpu_bench.py throughput --out gpu.json
+    python benchmarks/gpu_bench.py throughput --out gpu.json              # inference
+    python benchmarks/gpu_bench.py throughput --train --out gpu_train.json  # training steps
+
+Every engine runs timm's weights (seeded, non-zero head; loaded into Keras
+through the converter), each engine in a process of its own. Inference: timm
+under `inference_mode` (autocast for bf16), Keras on torch called eagerly under
+`inference_mode`, Keras on JAX `predict_on_batch`. A training step: timm
+`loss.backward(); clip_grad_norm_(1.0); AdamW.step()` (forward under autocast
+for bf16), Keras `train_on_batch` with the recipe's optimizer
+(`training.create_optimizer`, clipping 1.0) and `mixed_bfloat16` for bf16;
+images and labels already on the device in every engine.
 
 Also runs on a CPU-only machine (small sizes) as a smoke test of the script.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -22,9 +33,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # engine name -> (KERAS_BACKEND, BiLSTM2D route); "timm" is the reference.
 ENGINES = {
     "timm": (None, None),
-    "keras-torch-fused": ("torch", "fused"),  # ATen/cuDNN bidirectional call per axis
-    "keras-torch": ("torch", "keras"),  # Keras' loop: cuDNN per direction on GPU
-    "keras-jax": ("jax", "keras"),  # lax.scan (Keras has no cuDNN LSTM on JAX)
+    # "auto" = fused: one cuDNN call per axis, one Keras layer call per block
+    "keras-torch": ("torch", "auto"),
+    "keras-torch-keras": ("torch", "keras"),  # Keras' layers and loop: cuDNN per direction
+    "keras-jax": ("jax", "auto"),  # "keras" on a GPU: cuDNN in fp32, Keras' scans in bf16
+    "keras-jax-fused": ("jax", "fused"),  # one lax.scan per axis, both directions
 }
 
 
@@ -78,8 +91,7 @@ def parity(size, batch):
 
             jax.config.update("jax_default_matmul_precision", "highest" if enabled else None)
 
-    routes = ["keras", "fused"] if backend == "torch" else ["keras"]
-    for route in routes:
+    for route in ("keras", "fused"):
         got = logits(route)
         print(json.dumps({"backend": backend, "route": route, "dtype": "fp32 (TF32 allowed, default)",
                           "vs": "timm fp32 on CPU", "max_abs_logit_diff": float(np.abs(got - want).max()),
@@ -137,60 +149,101 @@ def route_gradients(device):
                       "max_rel_diff_gradients": max(diffs[1:])}), flush=True)
 
 
-def worker(engine, size, batches, seconds):
-    """Times every (batch, dtype) for one engine in this process; one JSON line each."""
+def _timm_step(reference, images, dtype, train):
+    """One timm inference or training step on the images, on the GPU if any."""
+    import numpy as np
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = reference.to(device).train(train)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+    autocast = functools.partial(torch.autocast, device, torch.bfloat16, enabled=dtype == "bf16")
+    if train:
+        labels = torch.from_numpy(np.arange(len(images)) % 1000).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def step():
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        else:
+            with torch.inference_mode(), autocast():
+                model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def _keras_step(reference, images, dtype, train, route, size):
+    """One Keras inference or training step, timm's weights in the model."""
     import numpy as np
 
-    backend, route = ENGINES[engine]
-    if backend is None:
-        import timm
+    import keras
+
+    import keras_sequencer as ks
+    from keras_sequencer.training import create_optimizer
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if dtype == "bf16" else "float32")
+    try:
+        model = ks.create_model(VARIANT, input_shape=(size, size, 3), rnn_route=route, classifier_activation=None,
+                                include_preprocessing=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    ks.load_torch_state_dict(model, reference.state_dict())
+    labels = np.arange(len(images)) % 1000
+    if keras.backend.backend() == "jax":
+        import jax
+
+        x, labels = jax.device_put(images), jax.device_put(labels)
+        done = jax.block_until_ready
+    else:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = timm.create_model(VARIANT).to(device).eval()
+        x, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
-        def make_step(images, dtype):
-            x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+        def done(result):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return result
 
-            def step():
-                with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=dtype == "bf16"):
-                    model(x)
-                if device == "cuda":
-                    torch.cuda.synchronize()
+    if train:
+        model.compile(optimizer=create_optimizer(model, 1e-4, weight_decay=0.05, global_clipnorm=1.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return lambda: model.train_on_batch(x, labels)  # returns the loss as a number: synchronized
+    if keras.backend.backend() == "jax":
+        return lambda: done(model.predict_on_batch(x))
+    import torch
 
-            return step
+    def step():
+        with torch.inference_mode():
+            done(model(x, training=False))
 
-    else:
+    return step
+
+
+def worker(engine, size, batches, seconds, train):
+    """Times every (batch, dtype) for one engine in this process; one JSON line each."""
+    backend, route = ENGINES[engine]
+    if backend is not None:
         os.environ["KERAS_BACKEND"] = backend
-        import keras
-
-        import keras_sequencer as ks
-
-        def make_step(images, dtype):
-            keras.mixed_precision.set_global_policy("mixed_bfloat16" if dtype == "bf16" else "float32")
-            model = ks.create_model(VARIANT, input_shape=(size, size, 3), rnn_route=route)
-            keras.mixed_precision.set_global_policy("float32")
-            if backend == "jax":
-                import jax
-
-                return lambda: jax.block_until_ready(model.predict_on_batch(images))
-            import torch
-
-            x = torch.from_numpy(images).to("cuda" if torch.cuda.is_available() else "cpu")
-
-            def step():
-                with torch.inference_mode():
-                    model(x, training=False)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-
-            return step
+    from throughput import reference_model  # timm before Keras
 
     for batch in batches:
         for dtype in ("fp32", "bf16"):
-            row = {"engine": engine, "batch": batch, "dtype": dtype}
+            row = {"engine": engine, "batch": batch, "dtype": dtype, "step": "train" if train else "inference"}
             try:
-                step = make_step(_images(batch, size), dtype)
+                reference = reference_model(VARIANT)
+                images = _images(batch, size)
+                if backend is None:
+                    step = _timm_step(reference, images, dtype, train)
+                else:
+                    step = _keras_step(reference, images, dtype, train, route, size)
                 begin = time.perf_counter()
                 step()
                 row["first_call_s"] = time.perf_counter() - begin
@@ -205,9 +258,27 @@ def worker(engine, size, batches, seconds):
             except Exception as error:  # noqa: BLE001  (recorded, the run goes on)
                 row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             print(json.dumps(row), flush=True)
+            step = None
+            _release_memory(backend)
 
 
-def throughput(out, size, batches, seconds, engines):
+def _release_memory(backend):
+    """Frees the last cell's model before the next (batch 256 training holds a lot)."""
+    import gc
+
+    gc.collect()
+    if backend != "jax":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        import keras
+
+        keras.backend.clear_session()
+
+
+def throughput(out, size, batches, seconds, engines, train):
     results = []
 
     def save():  # after every row: a timeout keeps what ran
@@ -220,7 +291,7 @@ def throughput(out, size, batches, seconds, engines):
 
     for engine in engines:
         command = [sys.executable, __file__, "worker", "--engine", engine, "--size", str(size),
-                   "--seconds", str(seconds), "--batches", *map(str, batches)]
+                   "--seconds", str(seconds), "--batches", *map(str, batches), *(["--train"] if train else [])]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for line in proc.stdout:
             if line.startswith("{"):
@@ -242,10 +313,11 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--engine", choices=list(ENGINES))
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument("--train", action="store_true", help="time training steps, not inference")
     args = parser.parse_args()
     if args.mode == "parity":
         parity(args.size, batch=8)
     elif args.mode == "throughput":
-        throughput(args.out, args.size, args.batches, args.seconds, args.engines)
+        throughput(args.out, args.size, args.batches, args.seconds, args.engines, args.train)
     else:
-        worker(args.engine, args.size, args.batches, args.seconds)
+        worker(args.engine, args.size, args.batches, args.seconds, args.train)
