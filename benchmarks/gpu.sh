@@ -6,8 +6,10 @@
 #       --platform manylinux_2_28_x86_64 --python-version 3.12   # per Python version
 #   bash benchmarks/gpu.sh [PHASE...]  -> $OUT/ (or benchmarks/results/)
 # PHASE: parity, inference, train (default: all three). A lent machine's 15
-# minutes fit `parity inference` (about 4 min) and `train` (about 6 min; JAX's
-# training steps compile for about 40 s each) as two calls.
+# minutes fit `parity inference` and `train` as two calls of at most 8 minutes
+# each (timeout_s 540). ENGINES="timm keras-torch ..." picks engines (default:
+# all, see gpu_bench.ENGINES); ENGINE_LIMIT caps each engine's worker in seconds
+# (JAX compiles every training cell for tens of seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
@@ -21,6 +23,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   KERAS_BACKEND=torch python -c "import sys, torch, jax, timm, keras; print(sys.version.split()[0], 'torch', torch.__version__, 'jax', jax.__version__, 'timm', timm.__version__, 'keras', keras.__version__, jax.devices())"
 } 2>&1 | tee "$OUT_DIR/gpu_device.txt"
 PHASES="${*:-parity inference train}"
+SELECT=(--engine-limit "${ENGINE_LIMIT:-100}")
+[[ -n "${ENGINES:-}" ]] && SELECT+=(--engines $ENGINES)
 # Parity: Keras on the GPU (every route) vs timm fp32; bf16 vs fp32; route gradients.
 if [[ " $PHASES " == *" parity "* ]]; then
     for backend in torch jax; do
@@ -30,11 +34,11 @@ if [[ " $PHASES " == *" parity "* ]]; then
 fi
 # Throughput at batch 64 and 256, fp32 and bf16 (timm with autocast for bf16).
 if [[ " $PHASES " == *" inference "* ]]; then
-    timeout "${THROUGHPUT_TIMEOUT:-290}" python benchmarks/gpu_bench.py throughput --out "$OUT_DIR/gpu.json" 2>&1 |
+    timeout "${THROUGHPUT_TIMEOUT:-300}" python benchmarks/gpu_bench.py throughput "${SELECT[@]}" --out "$OUT_DIR/gpu.json" 2>&1 |
         grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT_DIR/gpu_throughput.txt"
 fi
 # Training steps, the same engines and cells.
 if [[ " $PHASES " == *" train "* ]]; then
-    timeout "${TRAIN_TIMEOUT:-480}" python benchmarks/gpu_bench.py throughput --train --seconds 2 \
+    timeout "${TRAIN_TIMEOUT:-480}" python benchmarks/gpu_bench.py throughput --train --seconds 2 "${SELECT[@]}" \
         --out "$OUT_DIR/gpu_train.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT_DIR/gpu_train.txt"
 fi

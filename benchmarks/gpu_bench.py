@@ -25,6 +25,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 VARIANT = "sequencer2d_s"
@@ -38,7 +40,64 @@ ENGINES = {
     "keras-torch-keras": ("torch", "keras"),  # Keras' layers and loop: cuDNN per direction
     "keras-jax": ("jax", "auto"),  # "keras" on a GPU: cuDNN in fp32, Keras' scans in bf16
     "keras-jax-fused": ("jax", "fused"),  # one lax.scan per axis, both directions
+    # A prototype, not in the package: under mixed_bfloat16 each axis' LSTMs
+    # run through cuDNN in float32 (`cudnn_float32_recurrences`).
+    "keras-jax-cudnn32": ("jax", "keras"),
 }
+
+
+def cudnn_float32_recurrences(lstm=None, every_dtype=False):
+    """Issue 13's JAX lever, as a prototype: JAX's cuDNN RNN cannot take
+    bfloat16, so under mixed_bfloat16 BiLSTM2D runs Keras' scans. Here each
+    axis' LSTMs (both directions) instead run as one cuDNN call in float32
+    (`jax.experimental.rnn.lstm`), their outputs rounded to bfloat16, inside an
+    otherwise bfloat16 model. `lstm` replaces jax.experimental.rnn.lstm (a CPU
+    stand-in for the smoke test); `every_dtype`: float32 maps too (the layout
+    check). Returns the original BiLSTM2D._run."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import rnn as jax_rnn
+
+    import keras
+
+    from keras_sequencer import layers
+
+    lstm = lstm or jax_rnn.lstm
+    original = layers.BiLSTM2D._run
+
+    def run(self, rnn, sequences, training):
+        float32 = keras.backend.standardize_dtype(sequences.dtype) == "float32"
+        if self.rnn_type != "lstm" or (float32 and not every_dtype):
+            return original(self, rnn, sequences, training)
+        directions = layers.directions_of(rnn)
+        units, channels = directions[0].cell.units, sequences.shape[-1]
+
+        def weight(variable):
+            return jnp.asarray(variable.value, "float32")
+
+        cells = [d.cell for d in directions]
+        # cuDNN's flat layout: every direction's (W_ih, W_hh), then every
+        # direction's (b_ih, b_hh); gates i, f, g, o as Keras' i, f, c, o.
+        flat = [w for c in cells for w in (weight(c.kernel).T.ravel(), weight(c.recurrent_kernel).T.ravel())]
+        flat += [b for c in cells for b in (weight(c.bias), jnp.zeros(4 * units, "float32"))]
+        x = jnp.asarray(sequences, "float32")
+        zeros = jnp.zeros((len(cells), x.shape[0], units), "float32")
+        lengths = jnp.full((x.shape[0],), x.shape[1], "int32")
+        y, _, _ = lstm(x, zeros, zeros, jnp.concatenate(flat), lengths, input_size=channels,
+                       hidden_size=units, num_layers=1, dropout=0.0, bidirectional=len(cells) == 2)
+        return y.astype(sequences.dtype)
+
+    layers.BiLSTM2D._run = run
+    return original
+
+
+def _reference_lstm(x, h0, c0, weights, lengths, input_size, hidden_size, num_layers, dropout, bidirectional):
+    """jax.experimental.rnn.lstm's pure-JAX reference: the CPU stand-in."""
+    from jax.experimental import rnn as jax_rnn
+
+    unpacked = jax_rnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
+    return jax_rnn.lstm_ref(x, h0, c0, *unpacked, lengths, input_size, hidden_size, num_layers, dropout,
+                            bidirectional)
 
 
 def _images(batch, size, seed=0):
@@ -110,6 +169,8 @@ def parity(size, batch):
         except Exception as error:  # noqa: BLE001  (recorded, the run goes on)
             print(json.dumps({"backend": backend, "route": route, "dtype": "bf16",
                               "error": f"{type(error).__name__}: {str(error)[:300]}"}), flush=True)
+    if backend == "jax":
+        cudnn_float32_parity(logits, exact)
     if backend == "torch":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = reference.to(device)
@@ -120,6 +181,35 @@ def parity(size, batch):
                           "max_abs_logit_diff": float(np.abs(amp - want).max()),
                           "top1_agreement": _top1_agreement(amp, want)}), flush=True)
         route_gradients(device)
+
+
+def cudnn_float32_parity(logits, exact):
+    """The prototype's layout (one BiLSTM2D in float32 against Keras' route),
+    then its bf16 model against Keras fp32."""
+    import jax
+    import numpy as np
+
+    from keras_sequencer import layers
+
+    lstm = None if jax.default_backend() == "gpu" else _reference_lstm
+    layer = layers.BiLSTM2D(16, route="keras")
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 12)).astype("float32")
+    want = np.asarray(layer(x))
+    original = cudnn_float32_recurrences(lstm, every_dtype=True)
+    try:
+        got = np.asarray(layer(x))
+    finally:
+        layers.BiLSTM2D._run = original
+    print(json.dumps({"backend": "jax", "prototype": "cudnn float32 recurrences", "check": "BiLSTM2D fp32 vs Keras' route",
+                      "max_abs_diff": float(np.abs(got - want).max()), "scale": float(np.abs(want).max())}), flush=True)
+    cudnn_float32_recurrences(lstm)
+    try:
+        bf16 = logits("keras", "mixed_bfloat16")
+    finally:
+        layers.BiLSTM2D._run = original
+    print(json.dumps({"backend": "jax", "prototype": "cudnn float32 recurrences", "dtype": "bf16",
+                      "vs": "keras fp32 (TF32 off)", "max_abs_logit_diff": float(np.abs(bf16 - exact).max()),
+                      "top1_agreement": _top1_agreement(bf16, exact)}), flush=True)
 
 
 def route_gradients(device):
@@ -234,6 +324,11 @@ def worker(engine, size, batches, seconds, train):
         os.environ["KERAS_BACKEND"] = backend
     from throughput import reference_model  # timm before Keras
 
+    if engine == "keras-jax-cudnn32":
+        import jax
+
+        cudnn_float32_recurrences(None if jax.default_backend() == "gpu" else _reference_lstm)
+
     for batch in batches:
         for dtype in ("fp32", "bf16"):
             row = {"engine": engine, "batch": batch, "dtype": dtype, "step": "train" if train else "inference"}
@@ -278,7 +373,7 @@ def _release_memory(backend):
         keras.backend.clear_session()
 
 
-def throughput(out, size, batches, seconds, engines, train):
+def throughput(out, size, batches, seconds, engines, train, engine_limit):
     results = []
 
     def save():  # after every row: a timeout keeps what ran
@@ -292,16 +387,26 @@ def throughput(out, size, batches, seconds, engines, train):
     for engine in engines:
         command = [sys.executable, __file__, "worker", "--engine", engine, "--size", str(size),
                    "--seconds", str(seconds), "--batches", *map(str, batches), *(["--train"] if train else [])]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if line.startswith("{"):
-                results.append(json.loads(line))
+        # stderr to a file: a full pipe would stall the worker.
+        with tempfile.TemporaryFile("w+") as stderr:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            # One slow engine (JAX compiles each training step for a while) leaves time for the next.
+            timer = threading.Timer(engine_limit, proc.kill)
+            timer.start()
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    results.append(json.loads(line))
+                    save()
+                    print(json.dumps(results[-1]), flush=True)
+            timer.cancel()
+            if proc.wait() != 0:
+                stderr.seek(0)
+                tail = stderr.read().strip().splitlines()[-3:]
+                if proc.returncode == -9:  # the timer's kill
+                    tail = [f"stopped after --engine-limit {engine_limit} s"]
+                results.append({"engine": engine, "error": tail})
                 save()
                 print(json.dumps(results[-1]), flush=True)
-        if proc.wait() != 0:
-            results.append({"engine": engine, "error": proc.stderr.read().strip().splitlines()[-3:]})
-            save()
-            print(json.dumps(results[-1]), flush=True)
 
 
 if __name__ == "__main__":
@@ -314,10 +419,11 @@ if __name__ == "__main__":
     parser.add_argument("--engine", choices=list(ENGINES))
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     parser.add_argument("--train", action="store_true", help="time training steps, not inference")
+    parser.add_argument("--engine-limit", type=float, default=150.0, help="seconds for each engine's worker")
     args = parser.parse_args()
     if args.mode == "parity":
         parity(args.size, batch=8)
     elif args.mode == "throughput":
-        throughput(args.out, args.size, args.batches, args.seconds, args.engines, args.train)
+        throughput(args.out, args.size, args.batches, args.seconds, args.engines, args.train, args.engine_limit)
     else:
         worker(args.engine, args.size, args.batches, args.seconds, args.train)
