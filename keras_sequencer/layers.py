@@ -888,7 +888,7 @@ class _WeightCache:
         return self.params
 
 
-def _direction_params(cell, rnn_type, contiguous=False, read=lambda variable: variable.value):
+def _direction_params(cell, rnn_type, contiguous=False, read=keras_compat._keras_value):
     """One direction's float32 variables as PyTorch's (w_ih, w_hh, b_ih, b_hh),
     without Keras ops (the dtype policy is plain float32 here)."""
     import torch
@@ -906,16 +906,18 @@ def _direction_params(cell, rnn_type, contiguous=False, read=lambda variable: va
     return [kernel, recurrent, bias, torch.zeros_like(bias)]
 
 
-def _torch_rnn_weights(rnn, rnn_type, cache):
+def _torch_rnn_weights(rnn, rnn_type, cache, read):
     import torch
 
     cells = [direction.cell for direction in directions_of(rnn)]
     if torch.is_grad_enabled():
-        return [w for cell in cells for w in _direction_params(cell, rnn_type)]
-    sources = tuple(v.value for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
+        return [w for cell in cells for w in _direction_params(cell, rnn_type, read=read)]
+    sources = tuple(read(v) for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
     if sources[0].is_meta:
-        return [w for cell in cells for w in _direction_params(cell, rnn_type)]
-    return cache.get(sources, lambda: [w for cell in cells for w in _direction_params(cell, rnn_type, contiguous=True)])
+        return [w for cell in cells for w in _direction_params(cell, rnn_type, read=read)]
+    return cache.get(
+        sources, lambda: [w for cell in cells for w in _direction_params(cell, rnn_type, contiguous=True, read=read)]
+    )
 
 
 def _same_tensors(sources, held, versions):
@@ -932,7 +934,7 @@ def _same_tensors(sources, held, versions):
 UNROLL_MAX_STEPS = 2
 
 
-def _unrolled_torch_lstm(rnn, sequences):
+def _unrolled_torch_lstm(rnn, sequences, read):
     """A Keras LSTM (or its Bidirectional wrapper) over short (N, T, C)
     sequences, unrolled in torch ops on the variables in Keras' own layout
     (x @ kernel: no transposed weights to reorder, forward or backward)."""
@@ -944,8 +946,8 @@ def _unrolled_torch_lstm(rnn, sequences):
     for direction in directions_of(rnn):
         cell = direction.cell
         units = cell.units
-        gates = torch.addmm(cell.bias.value, flat, cell.kernel.value).view(batch, steps, 4 * units)
-        recurrent = cell.recurrent_kernel.value
+        gates = torch.addmm(read(cell.bias), flat, read(cell.kernel)).view(batch, steps, 4 * units)
+        recurrent = read(cell.recurrent_kernel)
         h = c = None  # zero state: the first step skips the recurrent product
         if torch.is_grad_enabled():
             # ...except under autograd, where every variable gets a gradient
@@ -983,7 +985,7 @@ def _square_unrolls(layer, x):
     )
 
 
-def _unrolled_torch_bilstm2d(layer, x):
+def _unrolled_torch_bilstm2d(layer, x, read):
     """Both axes and both directions of a BiLSTM2D over a square map of T <=
     UNROLL_MAX_STEPS rows, as four LSTMs stepped together: one product for
     every input projection, one batched product per later step, and each
@@ -993,7 +995,7 @@ def _unrolled_torch_bilstm2d(layer, x):
     import torch
 
     batch, steps, _, channels = x.shape
-    kernel, bias, recurrent = _square_weights(layer)
+    kernel, bias, recurrent = _square_weights(layer, read)
     units = recurrent.shape[1]
     # (B, T*T positions * 4 LSTMs, 4H): the LSTMs are the vertical forward and
     # backward, then the horizontal forward and backward.
@@ -1013,13 +1015,13 @@ def _unrolled_torch_bilstm2d(layer, x):
     return outputs.view(batch, steps, steps, 4 * units)
 
 
-def _square_weights(layer):
+def _square_weights(layer, read):
     """The four LSTMs' kernels side by side (C, 16H), their biases (16H) and
     recurrent kernels stacked (4, H, 4H), copied once per change of a variable."""
     import torch
 
     cells = [d.cell for rnn in (layer.rnn_v, layer.rnn_h) for d in directions_of(rnn)]
-    sources = tuple(v.value for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
+    sources = tuple(read(v) for cell in cells for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
     kernels, recurrents, biases = sources[0::3], sources[1::3], sources[2::3]
     return layer._cache_square.get(
         sources, lambda: (torch.cat(kernels, 1), torch.cat(biases), torch.stack(recurrents))
@@ -1138,28 +1140,29 @@ def _eager_float_torch(x):
     )
 
 
-def _torch_axis(layer, rnn, sequences, cache):
+def _torch_axis(layer, rnn, sequences, cache, read):
     """One axis of a BiLSTM2D over (N, T, C) sequences with torch ops."""
     if layer.rnn_type == "lstm" and sequences.shape[1] <= UNROLL_MAX_STEPS and not sequences.is_cuda:
-        return _unrolled_torch_lstm(rnn, sequences)
-    return _torch_rnn(rnn, layer.rnn_type, sequences, _torch_rnn_weights(rnn, layer.rnn_type, cache))
+        return _unrolled_torch_lstm(rnn, sequences, read)
+    return _torch_rnn(rnn, layer.rnn_type, sequences, _torch_rnn_weights(rnn, layer.rnn_type, cache, read))
 
 
-def _torch_bilstm2d(layer, x, bfloat16=None, residual=None):
-    """BiLSTM2D.call with torch ops only, on the layer's own variables, or on
-    their bfloat16 copies (a _Bfloat16Weights) for a mixed_bfloat16 block;
-    plus `residual` if given (the block's skip connection, fused into fc)."""
+def _torch_bilstm2d(layer, x, read, bfloat16=None, residual=None):
+    """BiLSTM2D.call with torch ops only, on the layer's own variables (read
+    with `read`, a keras_compat.variable_reader), or on their bfloat16 copies
+    (a _Bfloat16Weights) for a mixed_bfloat16 block; plus `residual` if given
+    (the block's skip connection, fused into fc)."""
     if bfloat16 is None and _square_unrolls(layer, x):
-        x = _unrolled_torch_bilstm2d(layer, x)
+        x = _unrolled_torch_bilstm2d(layer, x, read)
     else:
-        x = _torch_axes(layer, x, bfloat16)
+        x = _torch_axes(layer, x, read, bfloat16)
     if layer.fc is not None:
-        fc = (layer.fc.kernel.value, layer.fc.bias.value) if bfloat16 is None else bfloat16.fc
+        fc = (read(layer.fc.kernel), read(layer.fc.bias)) if bfloat16 is None else bfloat16.fc
         return _linear(x, *fc, residual=residual)
     return x if residual is None else residual + x
 
 
-def _torch_axes(layer, x, bfloat16=None):
+def _torch_axes(layer, x, read, bfloat16=None):
     """The vertical and horizontal RNNs of a BiLSTM2D with torch ops, joined by
     its union."""
     import torch
@@ -1169,14 +1172,14 @@ def _torch_axes(layer, x, bfloat16=None):
     if layer.with_vertical:
         v = x.transpose(1, 2).reshape(-1, height, channels)
         if bfloat16 is None:
-            v = _torch_axis(layer, layer.rnn_v, v, layer._cache_v)
+            v = _torch_axis(layer, layer.rnn_v, v, layer._cache_v, read)
         else:  # ATen's kernel at every length, as the layer-by-layer path runs it
             v = _torch_rnn(layer.rnn_v, layer.rnn_type, v, bfloat16.rnn_v)
         outputs.append(v.reshape(batch, width, height, layer.output_size).transpose(1, 2))
     if layer.with_horizontal:
         h = x.reshape(-1, width, channels)
         if bfloat16 is None:
-            h = _torch_axis(layer, layer.rnn_h, h, layer._cache_h)
+            h = _torch_axis(layer, layer.rnn_h, h, layer._cache_h, read)
         else:
             h = _torch_rnn(layer.rnn_h, layer.rnn_type, h, bfloat16.rnn_h)
         outputs.append(h.reshape(batch, height, width, layer.output_size))
@@ -1185,10 +1188,10 @@ def _torch_axes(layer, x, bfloat16=None):
     return outputs[0]
 
 
-def _dense(x, dense, gelu=False, residual=None):
+def _dense(x, dense, read, gelu=False, residual=None):
     """A Dense layer's arithmetic on its kernel as Keras keeps it, (in, out): no
     transposed weight, so the backward writes the kernel's gradient as is."""
-    return _linear(x, dense.kernel.value, dense.bias.value, gelu=gelu, residual=residual)
+    return _linear(x, read(dense.kernel), read(dense.bias), gelu=gelu, residual=residual)
 
 
 def _linear(x, kernel, bias, gelu=False, residual=None):
@@ -1300,10 +1303,11 @@ def _torch_block(block, x):
     _, tokens, *_, n1, n2, fc1, fc2 = _fused_sublayers(block)
     if n1.dtype_policy.name == "mixed_bfloat16":
         return _torch_block_bfloat16(block, x)
-    y = F.layer_norm(x, shape, n1.gamma.value, n1.beta.value, n1.epsilon)
-    x = _torch_bilstm2d(tokens, y, residual=x)
-    y = F.layer_norm(x, shape, n2.gamma.value, n2.beta.value, n2.epsilon)
-    return _dense(_dense(y, fc1, gelu=True), fc2, residual=x)
+    read = keras_compat.variable_reader(x)
+    y = F.layer_norm(x, shape, read(n1.gamma), read(n1.beta), n1.epsilon)
+    x = _torch_bilstm2d(tokens, y, read, residual=x)
+    y = F.layer_norm(x, shape, read(n2.gamma), read(n2.beta), n2.epsilon)
+    return _dense(_dense(y, fc1, read, gelu=True), fc2, read, residual=x)
 
 
 def _torch_block_bfloat16(block, x):
@@ -1314,18 +1318,19 @@ def _torch_block_bfloat16(block, x):
     weights = _bfloat16_weights(block)
     _, tokens, *_, n1, n2, _, _ = _fused_sublayers(block)
     x = x.to(torch.bfloat16)
-    x = _torch_bilstm2d(tokens, _bfloat16_layer_norm(x, n1), bfloat16=weights, residual=x)
-    return _linear(_linear(_bfloat16_layer_norm(x, n2), *weights.fc1, gelu=True), *weights.fc2, residual=x)
+    read = keras_compat.variable_reader(x)
+    x = _torch_bilstm2d(tokens, _bfloat16_layer_norm(x, n1, read), read, bfloat16=weights, residual=x)
+    return _linear(_linear(_bfloat16_layer_norm(x, n2, read), *weights.fc1, gelu=True), *weights.fc2, residual=x)
 
 
-def _bfloat16_layer_norm(x, norm):
+def _bfloat16_layer_norm(x, norm, read):
     """A float32 LayerNorm of a bfloat16 map, rounded to bfloat16. ATen's CPU
     kernel takes the bfloat16 map with float32 weights and computes in float32
     itself (no float32 copy of the map); its CUDA kernel wants the weights in
     the map's dtype, so there the map goes to float32 first: the same result."""
     import torch.nn.functional as F
 
-    shape, gamma, beta = (x.shape[-1],), norm.gamma.value, norm.beta.value
+    shape, gamma, beta = (x.shape[-1],), read(norm.gamma), read(norm.beta)
     if x.device.type == "cpu":
         return F.layer_norm(x, shape, gamma, beta, norm.epsilon)
     return F.layer_norm(x.float(), shape, gamma, beta, norm.epsilon).to(x.dtype)
@@ -1690,7 +1695,7 @@ class BiLSTM2D(layers.Layer):
     def call(self, x, training=None):
         if self.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, inputs=x):
-                return _torch_bilstm2d(self, x)
+                return _torch_bilstm2d(self, x, keras_compat.variable_reader(x))
         x = self.joined(self._axes(x, training))
         if self.fc is not None:
             x = self.fc(x)

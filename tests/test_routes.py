@@ -1038,14 +1038,54 @@ def test_bfloat16_layer_norm_off_the_cpu_is_the_cpu_kernels_result(rng):
     import torch
     import torch.nn.functional as F
 
+    from keras_sequencer import keras_compat
+
     norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype="mixed_bfloat16")
     norm.build((None, 48))
     norm.gamma.assign(rng.normal(1.0, 0.3, 48).astype("float32"))
     norm.beta.assign(rng.normal(0.0, 0.3, 48).astype("float32"))
     x = torch.from_numpy(rng.normal(2.0, 3.0, (4, 5, 6, 48)).astype("float32")).to(torch.bfloat16)
-    cpu = ks.layers._bfloat16_layer_norm(x, norm)
+    cpu = ks.layers._bfloat16_layer_norm(x, norm, keras_compat.variable_reader(x))
     upcast = F.layer_norm(x.float(), (48,), norm.gamma.value, norm.beta.value, 1e-6).to(torch.bfloat16)
     assert cpu.dtype == torch.bfloat16 and torch.equal(cpu, upcast)
+
+
+@torch_only
+def test_variable_reader_follows_stateless_scopes_and_symbolic_calls():
+    """The whole-block form reads its variables' own tensors, decided once per
+    call; Keras' `value` where Keras substitutes another tensor. Fails loudly
+    if Keras moves the internals it reads (`_value`, the scope's attribute)."""
+    import torch
+
+    from keras_sequencer import keras_compat
+
+    variable = keras.Variable(np.ones(3, "float32"))
+    x = torch.zeros(1, 3)
+    assert keras_compat.variable_reader(x)(variable) is variable.value
+    replacement = keras.ops.convert_to_tensor(np.full(3, 2.0, "float32"))
+    with keras.StatelessScope(state_mapping=[(variable, replacement)]):
+        np.testing.assert_array_equal(keras_compat.variable_reader(x)(variable), replacement)
+    assert keras_compat.variable_reader(torch.zeros(1, 3, device="meta")) is keras_compat._keras_value
+
+
+@torch_only
+def test_whole_block_form_runs_a_stateless_call_on_the_given_weights(rng, block_form):
+    """stateless_call (JAX-style training on torch) hands the block other
+    weights: the whole-block form computes with them, as an assignment would."""
+    import torch
+
+    calls, _ = block_form
+    block = _block(rng, rnn_route="fused")
+    x = torch.from_numpy(rng.normal(size=(2, 5, 7, 10)).astype("float32"))
+    other = [v.value * 1.5 for v in block.trainable_variables]
+    non_trainable = [v.value for v in block.non_trainable_variables]
+    with torch.no_grad():
+        stateless, _ = block.stateless_call(other, non_trainable, x)
+        assert calls == [block.name]
+        for variable, value in zip(block.trainable_variables, other):
+            variable.assign(value)
+        assigned = block(x)
+    np.testing.assert_allclose(stateless.numpy(), assigned.numpy(), atol=1e-6)
 
 
 def test_stored_value_is_the_variable_not_an_autocast_copy():
