@@ -1097,7 +1097,8 @@ def fused_call_blockers(layer, training=None, inputs=None):
     autograd has a bfloat16 form), LoRA, torch autocast, a keras.distribution,
     torch.compile (`jit_compile=True`: the weight copies kept between calls
     are Python state a compiled graph cannot follow, and Inductor fuses the
-    per-layer path itself), and dropout or drop path active in training."""
+    per-layer path itself), and dropout active in training (drop path has a
+    whole-block form: the same draws from the block's DropPath)."""
     if keras.backend.backend() != "torch":
         return ["backend"]
     blockers = []
@@ -1105,15 +1106,18 @@ def fused_call_blockers(layer, training=None, inputs=None):
     tokens = block.rnn_tokens if block is not None else layer
     if tokens.selected_route != "fused":
         blockers.append("route")
-    if block is not None and training and (block.drop_path_rate > 0 or block.drop_rate > 0):
-        blockers.append("training with dropout or drop path")
+    if block is not None and training and block.drop_rate > 0:
+        blockers.append("training with dropout")
     sublayers = _fused_sublayers(layer)
     import torch
 
     policies = {None if sub is None else sub.dtype_policy.name for sub in sublayers}
     # mixed_bfloat16 has a whole-block form for inference (bfloat16 copies of
     # the weights kept between calls); under autograd it runs layer by layer.
-    bfloat16_inference = policies == {"mixed_bfloat16"} and block is not None and not torch.is_grad_enabled()
+    bfloat16_inference = (
+        policies == {"mixed_bfloat16"} and block is not None and not torch.is_grad_enabled()
+        and not (training and block.drop_path_rate > 0)
+    )
     if policies != {"float32"} and not bfloat16_inference:
         blockers.append("dtype policy or quantization")
     if any(sub.lora_enabled for sub in sublayers if isinstance(sub, layers.Dense)):
@@ -1292,9 +1296,10 @@ def _bfloat16_weights(block):
     return weights
 
 
-def _torch_block(block, x):
+def _torch_block(block, x, training=None):
     """Sequencer2DBlock.call with torch ops only: one Keras layer call instead
-    of seven. Inference, or training without dropout and drop path."""
+    of seven. Inference, or training without dropout; drop path as the
+    block's DropPath draws it, in the same order (mixer, then MLP)."""
     import torch.nn.functional as F
 
     shape = (x.shape[-1],)
@@ -1305,6 +1310,10 @@ def _torch_block(block, x):
         return _torch_block_bfloat16(block, x)
     read = keras_compat.variable_reader(x)
     y = F.layer_norm(x, shape, read(n1.gamma), read(n1.beta), n1.epsilon)
+    if training and block.drop_path_rate > 0:
+        x = x + block.drop_path.dropped(_torch_bilstm2d(tokens, y, read))
+        y = F.layer_norm(x, shape, read(n2.gamma), read(n2.beta), n2.epsilon)
+        return x + block.drop_path.dropped(_dense(_dense(y, fc1, read, gelu=True), fc2, read))
     x = _torch_bilstm2d(tokens, y, read, residual=x)
     y = F.layer_norm(x, shape, read(n2.gamma), read(n2.beta), n2.epsilon)
     return _dense(_dense(y, fc1, read, gelu=True), fc2, read, residual=x)
@@ -1566,6 +1575,11 @@ class DropPath(layers.Layer):
     def call(self, x, training=None):
         if not training or self.rate == 0.0:
             return x
+        return self.dropped(x)
+
+    def dropped(self, x):
+        """The training-time arithmetic: each sample's x kept and scaled by
+        1 / (1 - rate), or zeroed; one draw from the layer's seed generator."""
         keep_prob = 1.0 - self.rate
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
         random = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype)
@@ -1840,13 +1854,13 @@ class Sequencer2DBlock(layers.Layer):
             undecided = training is None and (self.drop_path_rate > 0 or self.drop_rate > 0)
             if not undecided and not fused_call_blockers(self, training, inputs=args[0]):
                 keras_compat.mark_called(self)
-                return _torch_block(self, args[0])
+                return _torch_block(self, args[0], training)
         return super().__call__(*args, **kwargs)
 
     def call(self, x, training=None):
         if self.rnn_tokens.selected_route == "fused" and keras.backend.backend() == "torch":
             if not fused_call_blockers(self, training, inputs=x):
-                return _torch_block(self, x)
+                return _torch_block(self, x, training)
         if tensorflow_fused_block_applies(self, training):
             return tensorflow_fused_block(self, x)
         # Identity layers are not called: each Keras layer call has a per-call

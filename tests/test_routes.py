@@ -804,9 +804,9 @@ def block_form(monkeypatch):
     calls = []
     original = layers_module._torch_block
 
-    def counted(block, x):
+    def counted(block, x, training=None):
         calls.append(block.name)
-        return original(block, x)
+        return original(block, x, training)
 
     monkeypatch.setattr(layers_module, "_torch_block", counted)
 
@@ -955,11 +955,11 @@ def test_whole_block_form_fuses_gelu_and_residuals_into_onednn_linears(rng, monk
 
 
 @torch_only
-def test_whole_block_form_steps_aside_for_training_time_drops(rng, block_form):
+def test_whole_block_form_steps_aside_for_training_time_dropout(rng, block_form):
     calls, _ = block_form
     block = _block(rng, rnn_route="fused", drop_path_rate=0.5, drop_rate=0.25)
     x = rng.normal(size=(16, 5, 7, 10)).astype("float32")
-    assert "training with dropout or drop path" in ks.layers.fused_call_blockers(block, training=True)
+    assert "training with dropout" in ks.layers.fused_call_blockers(block, training=True)
     trained = keras.ops.convert_to_numpy(block(x, training=True))
     assert calls == []
     inference = keras.ops.convert_to_numpy(block(x, training=False))
@@ -968,6 +968,40 @@ def test_whole_block_form_steps_aside_for_training_time_drops(rng, block_form):
     quiet = _block(rng, rnn_route="fused")  # no drops: training takes the whole-block form too
     quiet(x, training=True)
     assert calls == [block.name, quiet.name]
+
+
+@torch_only
+@pytest.mark.parametrize("through", ["__call__", "call"])
+def test_whole_block_form_drops_paths_as_the_per_layer_path_does(through, rng, block_form):
+    """Drop path in training runs in the whole-block form, drawing from the
+    block's DropPath in the per-layer path's order: from the same seed state,
+    the same samples dropped, equal outputs and gradients."""
+    import torch
+
+    calls, force_per_layer = block_form
+    block = _block(rng, rnn_route="fused", drop_path_rate=0.5)
+    x = rng.normal(size=(16, 5, 7, 10)).astype("float32")
+    loss_weights = torch.from_numpy(rng.normal(size=x.shape).astype("float32"))
+    seed_state = keras.ops.convert_to_numpy(block.drop_path.seed_generator.state.value)
+
+    def run():
+        block.drop_path.seed_generator.state.assign(seed_state)
+        inputs = torch.from_numpy(x).requires_grad_(True)
+        outputs = block(inputs, training=True) if through == "__call__" else block.call(inputs, training=True)
+        grads = torch.autograd.grad((outputs * loss_weights).sum(), [inputs] + [v.value for v in block.trainable_variables])
+        return [outputs.detach().numpy()] + [g.numpy() for g in grads]
+
+    whole = run()
+    assert calls == [block.name]
+    force_per_layer()
+    per_layer = run()
+    assert calls == [block.name]
+    dropped = [np.abs(whole[0][i] - x[i]).max() for i in range(len(x))]
+    assert min(dropped) < max(dropped)  # some samples' branches dropped, not others'
+    for got, want in zip(whole, per_layer):
+        np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()))
+    with torch.no_grad():  # the draws moved the seed generator on: the next call drops others
+        assert not np.array_equal(block(torch.from_numpy(x), training=True).numpy(), per_layer[0])
 
 
 @torch_only
