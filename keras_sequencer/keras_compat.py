@@ -249,7 +249,8 @@ def stored_value(variable):
     return variable._value
 
 
-def _keras_value(variable):
+def keras_value(variable):
+    """A variable's tensor as Keras reads it (the reader where Keras substitutes one)."""
     return variable.value
 
 
@@ -265,7 +266,7 @@ def variable_reader(x):
     from keras.src.backend.common.global_state import get_global_attribute
 
     if x.is_meta or get_global_attribute("stateless_scope") is not None:
-        return _keras_value
+        return keras_value
     return _own_value
 
 

@@ -888,7 +888,7 @@ class _WeightCache:
         return self.params
 
 
-def _direction_params(cell, rnn_type, contiguous=False, read=keras_compat._keras_value):
+def _direction_params(cell, rnn_type, contiguous=False, read=keras_compat.keras_value):
     """One direction's float32 variables as PyTorch's (w_ih, w_hh, b_ih, b_hh),
     without Keras ops (the dtype policy is plain float32 here)."""
     import torch
