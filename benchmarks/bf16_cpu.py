@@ -63,26 +63,12 @@ def train_step(engine, state, batch, size):
     x = rng.standard_normal((batch, size, size, 3)).astype("float32")
     labels = rng.integers(0, 1000, batch)
     if engine.startswith("keras"):
-        from keras_sequencer.training import create_optimizer
-
         model = keras_model(state, "mixed_bfloat16" if engine.endswith("bf16") else "float32", size)
-        model.compile(optimizer=create_optimizer(model, 1e-4, weight_decay=0.05, global_clipnorm=1.0),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return lambda: model.train_on_batch(x, labels)
-    net = timm.create_model("sequencer2d_s").train()
+        return throughput.keras_training_step(model, x, labels)
+    net = timm.create_model("sequencer2d_s")
     net.load_state_dict(state)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
     x, labels = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", torch.bfloat16, enabled=engine.endswith("bf16")):
-            loss = torch.nn.functional.cross_entropy(net(x), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-
-    return step
+    return throughput.timm_training_step(net, x, labels, bf16=engine.endswith("bf16"))
 
 
 def train_worker(args):

@@ -19,7 +19,6 @@ Also runs on a CPU-only machine (small sizes) as a smoke test of the script.
 """
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -244,25 +243,21 @@ def _timm_step(reference, images, dtype, train):
     import numpy as np
     import torch
 
+    from throughput import timm_training_step
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = reference.to(device).train(train)
+    model = reference.to(device).eval()
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
-    autocast = functools.partial(torch.autocast, device, torch.bfloat16, enabled=dtype == "bf16")
     if train:
         labels = torch.from_numpy(np.arange(len(images)) % 1000).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        run = timm_training_step(model, x, labels, bf16=dtype == "bf16")
+    else:
+        def run():
+            with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=dtype == "bf16"):
+                model(x)
 
     def step():
-        if train:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(model(x), labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-        else:
-            with torch.inference_mode(), autocast():
-                model(x)
+        run()
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -276,7 +271,7 @@ def _keras_step(reference, images, dtype, train, route, size):
     import keras
 
     import keras_sequencer as ks
-    from keras_sequencer.training import create_optimizer
+    from throughput import keras_training_step
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if dtype == "bf16" else "float32")
     try:
@@ -303,9 +298,7 @@ def _keras_step(reference, images, dtype, train, route, size):
             return result
 
     if train:
-        model.compile(optimizer=create_optimizer(model, 1e-4, weight_decay=0.05, global_clipnorm=1.0),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return lambda: model.train_on_batch(x, labels)  # returns the loss as a number: synchronized
+        return keras_training_step(model, x, labels)
     if keras.backend.backend() == "jax":
         return lambda: done(model.predict_on_batch(x))
     import torch

@@ -39,6 +39,39 @@ def reference_model(variant):
     return model
 
 
+def timm_training_step(model, x, labels, bf16):
+    """timm's training step as the benchmarks time it: AdamW (lr 1e-4, weight
+    decay 0.05), cross-entropy, gradient clipping at 1.0, the forward under
+    autocast for bf16; `x` (NCHW) and `labels` on the model's device."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def keras_training_step(model, x, labels):
+    """Keras' side of timm_training_step: `train_on_batch` with the recipe's
+    optimizer (`training.create_optimizer`, clipping 1.0), cross-entropy on the
+    model's logits. Returns the loss as a number (synchronized)."""
+    import keras
+
+    from keras_sequencer.training import create_optimizer
+
+    model.compile(optimizer=create_optimizer(model, 1e-4, weight_decay=0.05, global_clipnorm=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return lambda: model.train_on_batch(x, labels)
+
+
 def inference_step(engine, variant, images, input_shape):
     """A function running one inference of `images` on `engine` (timm, a Keras
     backend, or "backend:route" for a BiLSTM2D route other than "auto") with
