@@ -153,7 +153,8 @@ def test_patch_conv_equals_conv2d_with_its_gradients(patch, size, kwargs, rng):
             for w in layer.trainable_weights:
                 w.value.grad = None
         for a, b in zip(*grads):
-            np.testing.assert_allclose(a, b, atol=1e-4)
+            # float32 sums of ~500 in another order: relative 1e-6 on AMD CPUs
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
         assert conv._patch_product_applies(torch.tensor(x))
 
 
