@@ -18,10 +18,7 @@ seventh rounds were made this way. Run by hand, from the repository root.
 """
 
 import argparse
-import linecache
 import os
-import subprocess
-import types
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,38 +29,11 @@ import tensorflow as tf  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
 from keras_sequencer import layers, training  # noqa: E402
+from committed import committed_module, lookup, module_of, replace  # noqa: E402
 from machine import paired_rounds, paired_summary  # noqa: E402
 
 
 MODULES = {"layers": layers, "training": training}
-
-
-def committed_module(base, name):
-    module = types.ModuleType(f"committed_{name}")
-    filename = f"{base}:keras_sequencer/{name}.py"
-    source = subprocess.check_output(["git", "show", filename], text=True)
-    # Autograph and tracebacks read a function's source through linecache.
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    exec(compile(source, filename, "exec"), module.__dict__)
-    return module
-
-
-def lookup(module, name):
-    value = module
-    for part in name.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def replace(module, name, value):
-    *owner, attribute = name.split(".")
-    setattr(lookup(module, ".".join(owner)) if owner else module, attribute, value)
-
-
-def module_of(name):
-    """("layers" or "training", the name within that module)."""
-    first, _, rest = name.partition(".")
-    return (first, rest) if first in MODULES and rest else ("layers", name)
 
 
 def main():
