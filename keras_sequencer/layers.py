@@ -1198,17 +1198,30 @@ def _dense(x, dense, read, gelu=False, residual=None):
     return _linear(x, read(dense.kernel), read(dense.bias), gelu=gelu, residual=residual)
 
 
+# Products under autograd of fewer multiply-adds than this take addmm: below
+# it the autograd Function's own cost outweighed oneDNN's faster product
+# (BENCHMARKS.md, "Issue 13, sixteenth round").
+ONEDNN_TRAINED_MIN_PRODUCT = 2**23
+
+
 def _linear(x, kernel, bias, gelu=False, residual=None):
     """x @ kernel + bias, then the exact GELU if `gelu`, or plus `residual`.
-    Without autograd on a CPU, one oneDNN call with the GELU or the sum as its
-    post-op; otherwise ATen's addmm and separate passes."""
+    On a CPU, oneDNN's linear: without autograd one call with the GELU or the
+    sum as its post-op; under autograd, for products of at least
+    ONEDNN_TRAINED_MIN_PRODUCT multiply-adds, _onednn_linear_function (ATen's
+    addmm runs MKL's products, at half oneDNN's speed on an AMD Zen 5 CPU).
+    Otherwise addmm and separate passes."""
     import torch
     import torch.nn.functional as F
 
     if _onednn_linear_applies(x, residual):
-        if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, kernel.T, bias, "add")
-        return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu" if gelu else "none", [], "none")
+        if not torch.is_grad_enabled():
+            if residual is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, kernel.T, bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu" if gelu else "none", [], "none")
+        if x.numel() * kernel.shape[1] >= ONEDNN_TRAINED_MIN_PRODUCT:
+            y = _onednn_linear_function().apply(x, kernel, bias, None if gelu else residual)
+            return F.gelu(y) if gelu else y
     flat = torch.addmm(bias, x.reshape(-1, kernel.shape[0]), kernel)
     y = flat.view(*x.shape[:-1], kernel.shape[1])
     if gelu:
@@ -1227,15 +1240,74 @@ def onednn_linear_available():
 
 
 def _onednn_linear_applies(x, residual):
-    """The oneDNN linear: CPU, float32 or bfloat16, no autograd (the op has no
-    backward), and a residual of the output's own contiguous layout."""
+    """oneDNN's linear: a CPU, float32 or bfloat16, and a residual of the
+    output's own contiguous layout."""
     import torch
 
-    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if residual is not None and not (residual.is_contiguous() and residual.dtype == x.dtype):
         return False
     return onednn_linear_available()
+
+
+def _onednn_product(a, b_transposed):
+    """a @ b_transposed.T with oneDNN (2-D; views are taken as they are)."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(a, b_transposed, None, "none", [], "none")
+
+
+@functools.cache
+def _onednn_linear_function():
+    import torch
+
+    class OneDNNLinear(torch.autograd.Function):
+        """x @ kernel + bias (+ residual) with oneDNN's linear, forward and
+        backward (the op itself has no backward). A backward that is itself
+        differentiated (create_graph) runs ATen's products instead."""
+
+        @staticmethod
+        def forward(x, kernel, bias, residual):
+            if residual is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, kernel.T, bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "none", [], "none")
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            x, kernel, _, _ = inputs
+            ctx.save_for_backward(x, kernel)
+
+        @staticmethod
+        def backward(ctx, upstream):
+            x, kernel = ctx.saved_tensors
+            needs = ctx.needs_input_grad
+            flat_x = x.reshape(-1, x.shape[-1])
+            flat = upstream.reshape(-1, upstream.shape[-1])
+            grad_x = grad_kernel = None
+            if torch.is_grad_enabled():
+                if needs[0]:
+                    grad_x = flat @ kernel.T
+                if needs[1]:
+                    grad_kernel = flat_x.T @ flat
+            else:
+                flat = flat.contiguous()
+                if needs[0]:
+                    grad_x = _onednn_product(flat, kernel)
+                # x.T @ upstream: oneDNN ran it 1.5-3x faster with the
+                # narrower of the two as its input than the other way round.
+                if needs[1] and flat_x.shape[1] <= flat.shape[1]:
+                    grad_kernel = _onednn_product(flat_x.T, flat.T)
+                elif needs[1]:
+                    grad_kernel = _onednn_product(flat.T, flat_x.T).T
+            return (
+                None if grad_x is None else grad_x.view(x.shape),
+                grad_kernel,
+                flat.sum(0) if needs[2] else None,
+                upstream if needs[3] else None,
+            )
+
+    return OneDNNLinear
 
 
 class _Bfloat16Weights:

@@ -915,7 +915,7 @@ def test_fused_route_under_torch_compile_follows_assignments(rng):
 def test_whole_block_form_fuses_gelu_and_residuals_into_onednn_linears(rng, monkeypatch):
     """Without autograd on a CPU, fc1's GELU and both residual sums run as
     post-ops of ATen's private oneDNN linear; a torch without it must fail here
-    first. With autograd (the op has no backward) the block takes addmm."""
+    first. With autograd, products this small take addmm."""
     import torch
 
     assert ks.layers.onednn_linear_available()  # the pinned CPU torch has it
@@ -938,8 +938,10 @@ def test_whole_block_form_fuses_gelu_and_residuals_into_onednn_linears(rng, monk
         patch.setattr(ks.layers, "_onednn_linear_applies", lambda x, residual: False)
         expected = block(x).numpy()
     np.testing.assert_allclose(got, expected, atol=TOLERANCE)
-    block(x)  # autograd on
-    assert fused == [False] * 3
+    trained = []
+    monkeypatch.setattr(ks.layers, "_onednn_linear_function", _counted(ks.layers._onednn_linear_function, trained))
+    block(x)  # autograd on, below ONEDNN_TRAINED_MIN_PRODUCT
+    assert trained == []
     fused.clear()
 
     kernel, bias = torch.randn(10, 12), torch.randn(12)
@@ -952,6 +954,66 @@ def test_whole_block_form_fuses_gelu_and_residuals_into_onednn_linears(rng, monk
             expected = torch.nn.functional.gelu(plain) if kwargs.get("gelu") else plain + kwargs.get("residual", 0)
             np.testing.assert_allclose(ks.layers._linear(strided, kernel, bias, **kwargs), expected, atol=TOLERANCE)
     assert fused == [True, True, True, False]  # a strided residual takes addmm
+
+
+def _counted(function, calls):
+    def counted(*args, **kwargs):
+        calls.append(True)
+        return function(*args, **kwargs)
+
+    return counted
+
+
+def _block_gradients(block, x, create_graph=False):
+    """The block's output, and the gradients of a weighted sum of it with
+    respect to x (where x requires it) and every trainable variable."""
+    import torch
+
+    out = block(x, training=True)
+    loss = (out * torch.linspace(-1.0, 1.0, out.shape[-1])).sum()
+    sources = ([x] if x.requires_grad else []) + [v.value for v in block.trainable_variables]
+    return out, torch.autograd.grad(loss, sources, create_graph=create_graph)
+
+
+@torch_only
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.5], ids=["residual-post-ops", "drop-path"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-gradient", "first-layer"])
+def test_whole_block_form_trains_through_onednn_linears(rng, monkeypatch, input_grad, drop_path_rate):
+    """Under autograd on a CPU the block's three products run as oneDNN's
+    linear with a backward of its own (the residuals as its post-op where no
+    path is dropped): outputs and every gradient equal ATen's addmm path, with
+    and without a gradient for the block's input; a gradient of a gradient
+    takes ATen's products and equals it too."""
+    import torch
+
+    block = _block(rng, rnn_route="fused", drop_path_rate=drop_path_rate)
+    x = torch.from_numpy(rng.normal(size=(16, 5, 7, 10)).astype("float32")).requires_grad_(input_grad)
+    seed_state = None if drop_path_rate == 0 else keras.ops.convert_to_numpy(block.drop_path.seed_generator.state.value)
+    trained = []
+    monkeypatch.setattr(ks.layers, "_onednn_linear_function", _counted(ks.layers._onednn_linear_function, trained))
+    results = {}
+    for threshold in (0, 2**62):  # every product through oneDNN, then none
+        monkeypatch.setattr(ks.layers, "ONEDNN_TRAINED_MIN_PRODUCT", threshold)
+        if seed_state is not None:
+            block.drop_path.seed_generator.state.assign(seed_state)
+        results[threshold] = _block_gradients(block, x)
+    assert len(trained) == 3  # fc, fc1 (the GELU after it), fc2
+    (out, grads), (expected_out, expected_grads) = results.values()
+    np.testing.assert_allclose(out.detach().numpy(), expected_out.detach().numpy(), atol=TOLERANCE)
+    assert len(grads) == len(block.trainable_variables) + input_grad
+    for got, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=TOLERANCE * max(1.0, expected.abs().max()))
+
+    if input_grad:
+        second = {}
+        for threshold in (0, 2**62):
+            monkeypatch.setattr(ks.layers, "ONEDNN_TRAINED_MIN_PRODUCT", threshold)
+            if seed_state is not None:
+                block.drop_path.seed_generator.state.assign(seed_state)
+            _, (grad_x, *_) = _block_gradients(block, x, create_graph=True)
+            second[threshold] = torch.autograd.grad(grad_x.square().sum(), x)[0].numpy()
+        got, expected = second.values()
+        np.testing.assert_allclose(got, expected, atol=TOLERANCE * max(1.0, np.abs(expected).max()))
 
 
 @torch_only
