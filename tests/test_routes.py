@@ -1017,6 +1017,41 @@ def test_whole_block_form_trains_through_onednn_linears(rng, monkeypatch, input_
 
 
 @torch_only
+def test_training_steps_through_onednn_linears_equal_addmm_steps(monkeypatch):
+    """`train_on_batch` with the recipe's optimizer and drop path, every
+    block product through oneDNN's Function (the kernels' gradients arrive as
+    transposed views where the input is the wider side): the same losses and
+    weights as the addmm path after two steps."""
+    from keras_sequencer.training import create_optimizer
+
+    def trained(threshold):
+        monkeypatch.setattr(ks.layers, "ONEDNN_TRAINED_MIN_PRODUCT", threshold)
+        keras.utils.set_random_seed(3)
+        model = ks.Sequencer2D(
+            layers=[1, 1], patch_sizes=[4, 2], embed_dims=[8, 16], hidden_sizes=[4, 8], mlp_ratios=[3, 3],
+            input_shape=(16, 16, 3), classes=5, classifier_activation=None, drop_path_rate=0.1,
+        )
+        model.compile(optimizer=create_optimizer(model, 1e-2, global_clipnorm=1.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = rng_data.normal(size=(6, 16, 16, 3)).astype("float32")
+        y = np.arange(6) % 5
+        losses = [float(model.train_on_batch(x, y)) for _ in range(2)]
+        return losses, [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+    calls = []
+    monkeypatch.setattr(ks.layers, "_onednn_linear_function", _counted(ks.layers._onednn_linear_function, calls))
+    rng_data = np.random.default_rng(1)
+    losses, weights = trained(0)
+    assert len(calls) == 2 * 2 * 3  # two steps, two blocks, three products
+    rng_data = np.random.default_rng(1)
+    expected_losses, expected_weights = trained(2**62)
+    assert len(calls) == 12
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    for got, expected in zip(weights, expected_weights):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@torch_only
 def test_whole_block_form_steps_aside_for_training_time_dropout(rng, block_form):
     calls, _ = block_form
     block = _block(rng, rnn_route="fused", drop_path_rate=0.5, drop_rate=0.25)
