@@ -7,8 +7,9 @@ One sequencer2d_s with timm's seeded weights (throughput.reference_model,
 through the converter) runs eagerly; before each call the functions named in
 --swap (names in keras_sequencer/layers.py, "Class.method" for a method,
 "training.NAME" for training.py) are set to the --base commit's (A) or the
-working tree's (B), alternating A B, B A, ... Prints the largest logit (or
-loss) difference and "paired": the median over rounds of B's time / A's time.
+working tree's (B), alternating A B, B A, ... Prints the largest difference
+of the two sides' logits (inference: the tests compare training's gradients)
+and "paired": the median over rounds of B's time / A's time.
 With --train each call is a training step (`train_on_batch` with the recipe's
 optimizer, throughput.keras_training_step). Run by hand, from the repository
 root; record the CPU line it prints.
