@@ -1216,9 +1216,7 @@ def _linear(x, kernel, bias, gelu=False, residual=None):
 
     if _onednn_linear_applies(x, residual):
         if not torch.is_grad_enabled():
-            if residual is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, kernel.T, bias, "add")
-            return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu" if gelu else "none", [], "none")
+            return _onednn_linear(x, kernel, bias, gelu, residual)
         if x.numel() * kernel.shape[1] >= ONEDNN_TRAINED_MIN_PRODUCT:
             y = _onednn_linear_function().apply(x, kernel, bias, None if gelu else residual)
             return F.gelu(y) if gelu else y
@@ -1251,6 +1249,16 @@ def _onednn_linear_applies(x, residual):
     return onednn_linear_available()
 
 
+def _onednn_linear(x, kernel, bias, gelu=False, residual=None):
+    """x @ kernel + bias, then the GELU or plus `residual`, as one call to
+    oneDNN's linear (no backward of its own)."""
+    import torch
+
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, kernel.T, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu" if gelu else "none", [], "none")
+
+
 def _onednn_product(a, b_transposed):
     """a @ b_transposed.T with oneDNN (2-D; views are taken as they are)."""
     import torch
@@ -1269,9 +1277,7 @@ def _onednn_linear_function():
 
         @staticmethod
         def forward(x, kernel, bias, residual):
-            if residual is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, kernel.T, bias, "add")
-            return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "none", [], "none")
+            return _onednn_linear(x, kernel, bias, residual=residual)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
