@@ -28,12 +28,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_sequencer as ks  # noqa: E402
-from keras_sequencer import layers, training  # noqa: E402
-from committed import committed_module, lookup, module_of, replace  # noqa: E402
+from keras_sequencer import training  # noqa: E402
+from committed import MODULES, committed_module, lookup, module_of, replace  # noqa: E402
 from machine import paired_rounds, paired_summary  # noqa: E402
-
-
-MODULES = {"layers": layers, "training": training}
 
 
 def main():

@@ -1,9 +1,15 @@
 """A commit's keras_sequencer modules beside the working tree's, for the A/B
-scripts (ab_tensorflow.py, ab_torch.py): functions are swapped by name."""
+scripts (ab_tensorflow.py, ab_torch.py): functions are swapped by name.
+Import it after KERAS_BACKEND is set."""
 
 import linecache
 import subprocess
 import types
+
+from keras_sequencer import layers, training
+
+# The modules --swap names reach: "NAME" is layers.NAME, "training.NAME" training's.
+MODULES = {"layers": layers, "training": training}
 
 
 def committed_module(base, name):
@@ -31,4 +37,4 @@ def replace(module, name, value):
 def module_of(name):
     """("layers" or "training", the name within that module)."""
     first, _, rest = name.partition(".")
-    return (first, rest) if first in ("layers", "training") and rest else ("layers", name)
+    return (first, rest) if first in MODULES and rest else ("layers", name)
