@@ -14,8 +14,10 @@ With --train each call is one training step instead (what `finetune
 its own: timm `loss.backward(); optimizer.step()` with AdamW and gradient
 clipping, its forward under autocast for bf16; Keras `train_on_batch` with the
 recipe's optimizer (`training.create_optimizer`), cross-entropy on the logits.
-Reports steps' images/s, Keras bf16 against timm's best and against Keras fp32;
-writes bf16_cpu_train_<backend>.json.
+Reports steps' images/s, Keras bf16 against timm's best and against Keras fp32,
+and each worker's kernel seconds and page faults per step (a step that maps
+fresh memory pays for it in the kernel, more so right after other processes
+freed theirs: BENCHMARKS.md, seventeenth round); writes bf16_cpu_train_<backend>.json.
 
     KERAS_BACKEND=tensorflow python benchmarks/bf16_cpu.py
     KERAS_BACKEND=tensorflow python benchmarks/bf16_cpu.py --train --batch 8 --rounds 3
@@ -24,6 +26,7 @@ writes bf16_cpu_train_<backend>.json.
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -72,11 +75,14 @@ def train_step(engine, state, batch, size):
 
 
 def train_worker(args):
-    """Answers 'run' lines with the seconds of one training step."""
+    """Answers 'run' lines with the seconds of one training step, the seconds
+    its process spent in the kernel and the page faults it took."""
     def one_step(step):
-        start = time.perf_counter()
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         step()
-        return {"step_s": time.perf_counter() - start}
+        seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+        return {"step_s": seconds, "kernel_s": after.ru_stime - before.ru_stime,
+                "page_faults": after.ru_minflt - before.ru_minflt}
 
     throughput.serve_rounds(train_step(args.train_worker, reference_state(), args.batch, args.size), one_step)
 
@@ -89,11 +95,16 @@ def train(args):
     for engine in TRAIN_ENGINES:  # started one at a time so their warm-ups do not overlap
         command = [__file__, "--train-worker", engine, "--batch", str(args.batch), "--size", str(args.size)]
         workers[engine] = throughput.start_worker(command, engine)
-    samples = throughput.alternate_rounds(workers, args.rounds, "step_s")
-    seconds = {name: statistics.median(s) for name, s in samples.items()}
-    speed = {name: args.batch / s for name, s in seconds.items()}
+    answers = throughput.alternate_rounds(workers, args.rounds)
+
+    def median(key):
+        return {name: statistics.median(a[key] for a in steps) for name, steps in answers.items()}
+
+    speed = {name: args.batch / s for name, s in median("step_s").items()}
     return {
         "images_per_s": {k: round(v, 3) for k, v in speed.items()},
+        "kernel_s_per_step": {k: round(v, 2) for k, v in median("kernel_s").items()},
+        "page_faults_per_step": {k: int(v) for k, v in median("page_faults").items()},
         "keras_bf16_vs_timm_best": round(speed["keras bf16"] / max(speed["timm fp32"], speed["timm bf16"]), 3),
         "keras_bf16_vs_keras_fp32": round(speed["keras bf16"] / speed["keras fp32"], 3),
         "keras_fp32_vs_timm_fp32": round(speed["keras fp32"] / speed["timm fp32"], 3),

@@ -157,14 +157,16 @@ def start_worker(command, name):
     return proc
 
 
-def alternate_rounds(workers, rounds, key):
-    """One timed round per worker in turn (A B C D, A B C D, ...); `key` of each answer."""
+def alternate_rounds(workers, rounds, key=None):
+    """One timed round per worker in turn (A B C D, A B C D, ...); `key` of each
+    answer, or the whole answers (dicts) without one."""
     samples = {engine: [] for engine in workers}
     for _ in range(rounds):
         for engine, proc in workers.items():
             proc.stdin.write("run\n")
             proc.stdin.flush()
-            samples[engine].append(json.loads(proc.stdout.readline())[key])
+            answer = json.loads(proc.stdout.readline())
+            samples[engine].append(answer if key is None else answer[key])
     for proc in workers.values():
         proc.stdin.close()
         proc.wait()
